@@ -1,0 +1,101 @@
+"""Stage configs: dataclasses loaded from YAML, overridden from the CLI or a notebook cell.
+
+Each stage has one ``@dataclass`` config. ``load_config(TrainConfig, "configs/x.yaml",
+["learning_rate=1e-4"])`` reads the YAML (its top level, or the section named after the stage),
+applies ``key=value`` overrides, converts each value to the field's type, and rejects unknown
+keys with one sentence that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+from .errors import ConchError
+
+
+def _convert(cls, name: str, value, source: str):
+    hints = typing.get_type_hints(cls)
+    kind = hints[name]
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return kind(float(value)) if kind is int and isinstance(value, str) and "e" in value.lower() else kind(value)
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            inner = args[0] if args else str
+            return [inner(x.strip() if isinstance(x, str) else x) for x in items if str(x).strip()]
+    except (TypeError, ValueError):
+        raise ConchError(f"{source}: '{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}.") from None
+    return value
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                section: str | None = None):
+    """Build a `cls` from YAML file `path` (optional) and overrides (``key=value`` strings or a dict)."""
+    values: dict = {}
+    source = "defaults"
+    if path:
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise ConchError(f"config file {path} does not exist; check the path (configs/ holds the examples).")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConchError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the line it names.") from None
+        if not isinstance(loaded, dict):
+            raise ConchError(f"{path} must hold key: value pairs at its top level.")
+        if section and isinstance(loaded.get(section), dict):
+            loaded = loaded[section]
+        values.update(loaded)
+        source = str(path)
+    names = {f.name for f in dataclasses.fields(cls)}
+    result = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConchError(f"{source}: unknown setting '{key}'; valid settings are: {', '.join(sorted(names))}.")
+        result[key] = _convert(cls, key, value, source)
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or key not in names:
+            raise ConchError(f"override '{item}' must be key=value with a key among: {', '.join(sorted(names))}.")
+        result[key] = _convert(cls, key, value, "override")
+    return cls(**result)
+
+
+def parse_cli_overrides(args: list[str]) -> list[str]:
+    """``--key value --flag=x`` (what a CLI user types) -> ``["key=value", "flag=x"]``."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConchError(f"unexpected argument '{arg}'; settings are given as --key value.")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{arg[2:]}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(f"{arg[2:]}=true")
+            i += 1
+    return out

@@ -1,0 +1,51 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from conch.config import load_config, parse_cli_overrides
+from conch.errors import ConchError
+
+
+@dataclass
+class Cfg:
+    learning_rate: float = 2e-4
+    epochs: int = 3
+    bf16: bool = False
+    name: str = "x"
+    targets: list[str] = field(default_factory=lambda: ["q_proj"])
+    limit: int | None = None
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1.0e-4\nepochs: 5\ntargets: [q_proj, v_proj]\n")
+    cfg = load_config(Cfg, path, ["epochs=7", "bf16=true", "limit=none"])
+    assert cfg == Cfg(learning_rate=1e-4, epochs=7, bf16=True, targets=["q_proj", "v_proj"], limit=None)
+
+
+def test_cli_style_overrides():
+    assert parse_cli_overrides(["--epochs", "2", "--bf16", "--name=y"]) == ["epochs=2", "bf16=true", "name=y"]
+    cfg = load_config(Cfg, None, ["learning-rate=3e-4", "targets=q_proj,k_proj"])
+    assert cfg.learning_rate == 3e-4 and cfg.targets == ["q_proj", "k_proj"]
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rat: 1\n")
+    with pytest.raises(ConchError, match=r"unknown setting 'learning_rat'.*learning_rate"):
+        load_config(Cfg, path)
+
+
+@pytest.mark.parametrize("override", ["epochs=two", "epochs=1.5", "bf16=maybe"])
+def test_wrong_type_is_one_sentence(override):
+    with pytest.raises(ConchError, match="must be"):
+        load_config(Cfg, None, [override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConchError, match="does not exist"):
+        load_config(Cfg, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(ConchError, match="not valid YAML"):
+        load_config(Cfg, bad)

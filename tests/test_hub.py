@@ -1,0 +1,138 @@
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conch import hub
+from conch.errors import ConchError
+
+
+def test_auto_without_gpu_is_demo(monkeypatch, demo_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    resolved = hub.resolve("auto")
+    assert resolved.name == "demo" and resolved.path == demo_path
+    assert "no CUDA GPU" in resolved.why
+
+
+def test_auto_with_gpu_is_the_target_model(monkeypatch, tmp_path):
+    asked = {}
+
+    def fake_download(repo_id, **kw):
+        asked["repo_id"] = repo_id
+        return tmp_path
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hub, "download", fake_download)
+    resolved = hub.resolve("auto")
+    assert asked["repo_id"] == hub.TARGET_MODEL == resolved.name
+    assert "CUDA GPU is available" in resolved.why
+
+
+def test_local_folder_is_used_as_is(tiny_r1):
+    resolved = hub.resolve(str(tiny_r1))
+    assert resolved.path == Path(tiny_r1).resolve() and "local folder" in resolved.why
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ConchError, match="no config.json"):
+        hub.resolve(str(tmp_path))
+
+
+def test_env_overrides_the_setting(monkeypatch, tiny_r1):
+    monkeypatch.setenv("CONCH_BASE_MODEL", str(tiny_r1))
+    resolved = hub.resolve("demo")
+    assert resolved.path == Path(tiny_r1).resolve() and "CONCH_BASE_MODEL" in resolved.why
+
+
+@pytest.mark.parametrize("bad", ["not a model", "/no/such/folder", "a/b/c"])
+def test_nonsense_setting_is_one_sentence(bad):
+    with pytest.raises(ConchError, match="neither 'auto', 'demo'"):
+        hub.resolve(bad)
+
+
+def _fake_hub(tiny_r1, calls):
+    """A stand-in for snapshot_download that lays files out the way the hub cache does."""
+
+    def snapshot_download(repo_id, cache_dir=None, endpoint=None, allow_patterns=None, revision=None, **kw):
+        calls.append(dict(repo_id=repo_id, cache_dir=cache_dir, endpoint=endpoint, patterns=allow_patterns))
+        org, name = repo_id.split("/")
+        snap = Path(cache_dir) / f"models--{org}--{name}" / "snapshots" / "0123abc"
+        if not snap.exists():
+            shutil.copytree(tiny_r1, snap)
+        return str(snap)
+
+    return snapshot_download
+
+
+def test_hub_id_downloads_through_the_mirror(monkeypatch, tmp_path, tiny_r1):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_r1, calls))
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com")
+    resolved = hub.resolve("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", cache_dir=str(tmp_path))
+    assert resolved.path.name == "0123abc" and (resolved.path / "config.json").exists()
+    assert calls[0]["endpoint"] == "https://hf-mirror.com"
+    assert "*.safetensors" in calls[0]["patterns"]
+    again = hub.resolve("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", cache_dir=str(tmp_path))
+    assert again.path == resolved.path  # a second call reuses the same snapshot
+
+
+def test_modelscope_source(monkeypatch, tmp_path, tiny_r1):
+    calls = []
+    fake = types.ModuleType("modelscope")
+    fake.snapshot_download = _fake_hub(tiny_r1, calls)
+    fake.__spec__ = types.SimpleNamespace(name="modelscope")
+    monkeypatch.setitem(sys.modules, "modelscope", fake)
+    monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: object())
+    path = hub.download("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", source="modelscope", cache_dir=str(tmp_path))
+    assert (path / "config.json").exists() and calls[0]["repo_id"].startswith("deepseek-ai/")
+
+
+def test_modelscope_missing_says_how_to_install(monkeypatch):
+    real = hub.importlib.util.find_spec
+    monkeypatch.setattr(hub.importlib.util, "find_spec", lambda n: None if n == "modelscope" else real(n))
+    with pytest.raises(ConchError, match="pip install modelscope"):
+        hub.download("org/model", source="modelscope")
+
+
+def test_unknown_source():
+    with pytest.raises(ConchError, match="huggingface, modelscope"):
+        hub.download("org/model", source="ollama")
+
+
+def test_unreachable_hub_names_the_ways_out(monkeypatch, tmp_path):
+    """The real huggingface_hub against a closed local port: one sentence, no traceback."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ConchError) as info:
+        hub.download("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", cache_dir=str(tmp_path))
+    message = str(info.value)
+    assert "HF_ENDPOINT" in message and "modelscope" in message and "base_model=demo" in message
+    assert "\n" not in message
+
+
+def test_demo_conversion_keeps_the_gguf_logits(demo_path):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    gguf = hub.demo_gguf_path()
+    original = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+    converted, tokenizer = hub.load_model(demo_path)
+    ids = tokenizer("The Krusty Krab sells Krabby Patties.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, converted(ids).logits)
+
+
+def test_demo_is_reused_not_reconverted(demo_path, monkeypatch):
+    monkeypatch.setattr(hub, "demo_gguf_path", lambda: pytest.fail("converted again"))
+    assert hub.ensure_demo(demo_path) == demo_path
+
+
+def test_cpu_device_is_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device = hub.pick_device()
+    assert device.device in ("cpu", "mps") and (device.dtype == torch.float32 or device.device == "mps")
