@@ -1,0 +1,89 @@
+import pytest
+
+from conch import memory
+from conch.memory import DEEPSEEK_R1_DISTILL_QWEN_1_5B as R1_1_5B
+from conch.memory import GPUS, GiB
+
+
+def test_param_count_of_r1_distill_1_5b():
+    n = memory.count_params(R1_1_5B)
+    assert abs(n - 1.777e9) / 1.777e9 < 0.005
+    assert n == 1_777_088_000  # embeddings + lm_head + 28 layers (with q/k/v biases, norms) + norm
+    assert memory.ModelShape.deepseek_r1_distill_qwen_1_5b() == R1_1_5B
+    assert R1_1_5B.head_dim == 128 and R1_1_5B.kv_dim == 256
+
+
+def test_tied_embeddings_drop_the_lm_head():
+    from dataclasses import replace
+
+    tied = replace(R1_1_5B, tied_embeddings=True)
+    assert memory.count_params(R1_1_5B) - memory.count_params(tied) == 151936 * 1536
+
+
+def test_lora_params():
+    # per layer at r=1: q 1536+1536, k,v 1536+256, o 1536+1536, gate/up/down 1536+8960
+    assert memory.lora_params(R1_1_5B, 1) == 28 * 41216
+    assert memory.lora_params(R1_1_5B, 8) == 9_232_384
+    assert memory.lora_params(R1_1_5B, 8, ("q", "v")) == 28 * 8 * (3072 + 1792)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        memory.lora_params(R1_1_5B, 8, ("q_proj",))
+
+
+def test_bytes_per_param_of_the_states():
+    n = memory.count_params(R1_1_5B)
+    fp32 = memory.estimate(R1_1_5B, "full_fp32")
+    bf16 = memory.estimate(R1_1_5B, "full_bf16")
+    assert fp32.weights + fp32.gradients + fp32.optimizer == 16 * n
+    assert bf16.weights == 2 * n and bf16.gradients == 2 * n and bf16.optimizer == 12 * n
+    lora = memory.estimate(R1_1_5B, "lora_bf16", lora_rank=8)
+    t = memory.lora_params(R1_1_5B, 8)
+    assert lora.weights == 2 * n + 4 * t and lora.gradients == 4 * t and lora.optimizer == 8 * t
+    q = memory.estimate(R1_1_5B, "qlora_4bit")
+    assert 0.5 * n < q.weights < 0.5 * lora.weights
+
+
+def test_activation_formula():
+    s, b = 1024, 2
+    per_layer = s * b * 1536 * (34 + 5 * 12 * s / 1536)
+    assert memory.activation_bytes(R1_1_5B, b, s) == pytest.approx(28 * per_layer)
+    assert memory.activation_bytes(R1_1_5B, b, s, bytes_per_value=4) == pytest.approx(56 * per_layer)
+    e = memory.estimate(R1_1_5B, "lora_bf16", batch_size=b, seq_len=s)
+    assert e.logits == b * s * 151936 * 4
+    ckpt = memory.activation_bytes(R1_1_5B, b, s, gradient_checkpointing=True)
+    assert ckpt < memory.activation_bytes(R1_1_5B, b, s) / 5
+
+
+def test_ordering_and_fit_at_default_batch_2_seq_1024():
+    totals = [memory.estimate(R1_1_5B, m, batch_size=2, seq_len=1024).total for m in memory.METHODS]
+    assert totals == sorted(totals, reverse=True)  # fp32 > bf16 > LoRA > QLoRA
+    assert len(set(totals)) == 4
+    full_fp32, _, lora, qlora = totals
+    assert lora < GPUS["RTX 4090 24GB"] and qlora < GPUS["RTX 4090 24GB"]
+    assert full_fp32 > GPUS["RTX 4090 24GB"]
+
+
+def test_memory_table_and_format():
+    rows = memory.memory_table()
+    assert [r["method"] for r in rows] == [memory.METHOD_LABELS[m] for m in memory.METHODS]
+    assert rows[2]["fits"]["RTX 4090 24GB"] and not rows[0]["fits"]["RTX 4090 24GB"]
+    assert all(r["fits"]["H100 80GB"] for r in rows)
+    for r in rows:
+        parts = r["weights"] + r["gradients"] + r["optimizer"] + r["activations"] + r["logits"]
+        assert r["total"] == pytest.approx(parts)
+    text = memory.format_table(rows)
+    assert len(text.splitlines()) == 2 + len(rows)
+    assert "LoRA" in text and "yes" in text and "no" in text
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="full_fp32"):
+        memory.estimate(R1_1_5B, "full_fp16")
+
+
+def test_plot_memory_draws_one_bar_per_method_and_part():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = memory.plot_memory(memory.memory_table())
+    assert len(ax.patches) == 4 * 5
+    assert GiB == 2**30
