@@ -1,0 +1,270 @@
+"""Stage 2: turn a dataset file into tokenized, masked training examples.
+
+Records come in LLaMA-Factory's two formats, registered by name in ``data/dataset_info.json``
+or given as a path (``.json`` list or ``.jsonl``):
+
+- alpaca: ``instruction``, ``input``, ``output``, optional ``system`` and ``history``
+  (a list of ``[user, assistant]`` pairs);
+- sharegpt: ``conversations`` (``from``/``value``) or OpenAI-style ``messages``
+  (``role``/``content``), optional ``system``.
+
+Each record becomes chat messages, is rendered with the model's *own* chat template, and every
+token but the final answer is masked with -100 (LLaMA-Factory's default: the model learns to
+answer, not to repeat questions). The answer is built exactly the way inference will see it:
+the prompt is the template's generation prompt, and the answer is what must follow it. For
+DeepSeek-R1, whose generation prompt opens ``<think>\\n``, an answer without reasoning is
+trained as ``\\n</think>\\n\\n`` + answer, an empty think block, so the tuned model closes its
+think block and answers directly.
+
+Bad data stops before any training with one sentence naming the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConchError
+
+IGNORE_INDEX = -100
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                  "history": "history"}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "system_tag": "system"}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where the model is not trained
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading records
+
+
+def find_dataset(name: str, dataset_dir: str | Path = "data") -> tuple[Path, dict]:
+    """A dataset name registered in ``dataset_info.json``, or a path: returns (file, its entry)."""
+    path = Path(name)
+    if path.suffix in (".json", ".jsonl") and path.exists():
+        return path, {}
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if path.suffix in (".json", ".jsonl"):
+        raise ConchError(f"dataset file {path} does not exist; check the path.")
+    if not info_path.exists():
+        raise ConchError(f"dataset '{name}' is not a .json/.jsonl file and {info_path} does not exist; "
+                         "give a path or set dataset_dir to the folder that holds dataset_info.json.")
+    info = _read_json(info_path)
+    if name not in info:
+        raise ConchError(f"dataset '{name}' is not registered in {info_path}; known: {', '.join(sorted(info))}.")
+    entry = info[name]
+    if "file_name" not in entry:
+        raise ConchError(f"{info_path}: dataset '{name}' has no 'file_name'; add the data file's name.")
+    file = Path(dataset_dir) / entry["file_name"]
+    if not file.exists():
+        raise ConchError(f"{info_path}: dataset '{name}' points to {file}, which does not exist.")
+    return file, entry
+
+
+def _read_json(path: Path):
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = e.lineno + (0 if path.suffix != ".jsonl" else 0)
+        raise ConchError(f"{path} is not valid JSON: {e.msg} at line {line}, column {e.colno}; "
+                         "fix that spot (a missing comma or quote is the usual cause).") from None
+
+
+def load_records(name: str, dataset_dir: str | Path = "data", max_samples: int | None = None) -> list[list[dict]]:
+    """Read and validate a dataset; each record becomes a list of chat messages ending in the answer."""
+    file, entry = find_dataset(name, dataset_dir)
+    rows = _read_json(file)
+    if isinstance(rows, dict):
+        rows = [rows]
+    if not isinstance(rows, list) or not rows:
+        raise ConchError(f"{file} must hold a non-empty JSON list of records.")
+    formatting = entry.get("formatting") or ("sharegpt" if isinstance(rows[0], dict) and (
+        "conversations" in rows[0] or "messages" in rows[0]) else "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise ConchError(f"dataset '{name}': formatting '{formatting}' is unknown; use alpaca or sharegpt.")
+    if max_samples:
+        rows = rows[:max_samples]
+    convert = _alpaca_messages if formatting == "alpaca" else _sharegpt_messages
+    return [convert(row, i, file, entry) for i, row in enumerate(rows)]
+
+
+def _field(row: dict, key: str, i: int, file: Path, required: bool) -> str:
+    where = f"{file} record {i}"
+    if not isinstance(row, dict):
+        raise ConchError(f"{where} is a {type(row).__name__}, not an object with fields; fix that record.")
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise ConchError(f"{where} has no '{key}' field; add it (it must be non-empty text).")
+        return ""
+    if not isinstance(value, str):
+        raise ConchError(f"{where}: field '{key}' must be text, got {type(value).__name__}; quote it as a string.")
+    if required and not value.strip():
+        raise ConchError(f"{where}: field '{key}' is empty; write it or remove the record.")
+    return value
+
+
+def _alpaca_messages(row, i, file, entry) -> list[dict]:
+    cols = {**ALPACA_COLUMNS, **entry.get("columns", {})}
+    instruction = _field(row, cols["prompt"], i, file, required=True)
+    query = _field(row, cols["query"], i, file, required=False)
+    answer = _field(row, cols["response"], i, file, required=True)
+    system = _field(row, cols["system"], i, file, required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = row.get(cols["history"]) or []
+    if not isinstance(history, list) or not all(
+            isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) and x.strip() for x in t)
+            for t in history):
+        raise ConchError(f"{file} record {i}: field '{cols['history']}' must be a list of "
+                         "[question, answer] pairs of non-empty text.")
+    for user, assistant in history:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    user = f"{instruction}\n{query}" if query.strip() else instruction
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def _sharegpt_messages(row, i, file, entry) -> list[dict]:
+    cols = entry.get("columns", {})
+    tags = {**SHAREGPT_TAGS, **entry.get("tags", {})}
+    key = cols.get("messages") or ("messages" if isinstance(row, dict) and "messages" in row else "conversations")
+    turns = row.get(key) if isinstance(row, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise ConchError(f"{file} record {i} has no '{key}' list of turns; add one.")
+    openai_style = isinstance(turns[0], dict) and "role" in turns[0]
+    role_tag, content_tag = ("role", "content") if openai_style else (tags["role_tag"], tags["content_tag"])
+    roles = {"user": "user", "assistant": "assistant", "system": "system"} if openai_style else {
+        tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    messages = []
+    system = row.get(cols.get("system", "system"))
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for j, turn in enumerate(turns):
+        role = roles.get(turn.get(role_tag)) if isinstance(turn, dict) else None
+        content = turn.get(content_tag) if isinstance(turn, dict) else None
+        if role is None or not isinstance(content, str) or not content.strip():
+            raise ConchError(f"{file} record {i}, turn {j}: needs '{role_tag}' (one of {', '.join(roles)}) "
+                             f"and non-empty text in '{content_tag}'.")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise ConchError(f"{file} record {i}: the last turn must be the assistant's answer.")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering and masking
+
+
+def _turn_end(tokenizer) -> str:
+    """What the template writes after an assistant's text, up to the end token (e.g. ``<|im_end|>``)."""
+    sentinel = "\x00ANSWER\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentinel}], tokenize=False)
+    after = text.split(sentinel, 1)[1]
+    eos = tokenizer.eos_token or ""
+    return after[: after.index(eos) + len(eos)] if eos and eos in after else after.rstrip("\n")
+
+
+def split_prompt_answer(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(prompt, answer) texts: the prompt as inference renders it, the answer as it must follow."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    answer = messages[-1]["content"]
+    if prompt.rstrip(" ").endswith("<think>\n") and "</think>" not in answer:
+        answer = "\n</think>\n\n" + answer  # an empty think block, as R1-style inference will see it
+    return prompt, answer + _turn_end(tokenizer)
+
+
+def encode(tokenizer, messages: list[dict], cutoff_len: int, overlong: str = "error",
+           where: str = "record") -> Example | None:
+    """Tokenize one record: prompt tokens masked, answer tokens trained.
+
+    ``overlong``: ``error`` (default: one sentence naming the record), ``truncate`` (cut the
+    end of the answer) or ``drop`` (skip the record; returns None).
+    """
+    prompt, answer = split_prompt_answer(tokenizer, messages)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    total = len(prompt_ids) + len(answer_ids)
+    if total > cutoff_len:
+        if overlong == "drop":
+            return None
+        if overlong != "truncate" or len(prompt_ids) >= cutoff_len:
+            raise ConchError(f"{where} is {total} tokens, longer than cutoff_len={cutoff_len}; raise cutoff_len, "
+                             "shorten its 'output', or set overlong=truncate.")
+        answer_ids = answer_ids[: cutoff_len - len(prompt_ids)]
+    return Example(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+
+
+def build_examples(tokenizer, name: str, dataset_dir: str | Path = "data", cutoff_len: int = 1024,
+                   max_samples: int | None = None, overlong: str = "error") -> list[Example]:
+    """Read, validate, render and mask a whole dataset. Nothing is returned if any record is bad."""
+    if overlong not in ("error", "truncate", "drop"):
+        raise ConchError(f"overlong must be error, truncate or drop, got '{overlong}'.")
+    file, _ = find_dataset(name, dataset_dir)
+    examples = []
+    for i, messages in enumerate(load_records(name, dataset_dir, max_samples)):
+        example = encode(tokenizer, messages, cutoff_len, overlong, where=f"{file} record {i}")
+        if example is not None:
+            examples.append(example)
+    if not examples:
+        raise ConchError(f"{file}: no record fits cutoff_len={cutoff_len}; raise cutoff_len.")
+    return examples
+
+
+def length_stats(examples: list[Example]) -> dict:
+    """Token-length statistics that guide ``cutoff_len`` and show how much of each sequence is trained."""
+    lengths = sorted(len(e) for e in examples)
+    trained = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in examples)
+    return {
+        "records": len(lengths), "min": lengths[0], "mean": round(statistics.mean(lengths), 1),
+        "p50": lengths[len(lengths) // 2], "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
+        "max": lengths[-1], "tokens": sum(lengths), "trained_tokens": trained,
+        "trained_share": round(trained / sum(lengths), 3),
+    }
+
+
+def show_masking(tokenizer, example: Example) -> str:
+    """The rendered example with masked (not trained) text in [brackets] and trained text bare."""
+    out, run, masked = [], [], None
+    for token, label in zip(example.input_ids, example.labels):
+        is_masked = label == IGNORE_INDEX
+        if masked is not None and is_masked != masked:
+            out.append(_span(tokenizer, run, masked))
+            run = []
+        run.append(token)
+        masked = is_masked
+    out.append(_span(tokenizer, run, masked))
+    return "".join(out)
+
+
+def _span(tokenizer, ids, masked) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return f"[{text}]" if masked else text
+
+
+def split_train_val(examples: list, val_size: float, seed: int) -> tuple[list, list]:
+    """A seeded shuffle split; ``val_size`` is a fraction (0 disables validation)."""
+    import random
+
+    if not 0 <= val_size < 1:
+        raise ConchError(f"val_size must be a fraction in [0, 1), got {val_size}.")
+    n_val = int(round(len(examples) * val_size))
+    if val_size and n_val == 0:
+        n_val = 1
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val:]]
+    return train, val

@@ -1,0 +1,397 @@
+"""Stage 3: LoRA supervised fine-tuning with peft and transformers' Trainer.
+
+``train(TrainConfig)`` supports: any causal LM with a chat template (DeepSeek-R1-Distill-Qwen,
+the demo SmolLM2, Qwen, Llama…); alpaca/sharegpt data through `conch.data`; bf16/fp16/fp32;
+padding-free packing (``DataCollatorWithFlattening``) or padded batches; gradient
+accumulation and checkpointing; validation loss; checkpoints every ``save_steps`` and
+``resume_from_checkpoint`` (``auto`` = the last complete one); several GPUs through
+``accelerate launch`` unchanged. It writes, like LLaMA-Factory::
+
+    output_dir/
+      adapter_model.safetensors, adapter_config.json, tokenizer files   the LoRA adapter
+      checkpoint-N/                                                     resumable states
+      trainer_log.jsonl   one JSON line per logging/eval step
+      loss.png            train and eval loss
+      train_config.yaml   the exact settings of this run
+      train_results.json  final metrics, trainable parameters, time, peak memory
+
+In Jupyter the loss plot is redrawn in place while training runs (with progress and ETA);
+headless, one line per logging step is printed, fit for ``nohup … > train.log &``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConchError
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    """Every knob the tutorial teaches. Defaults: DeepSeek-R1-Distill-Qwen-1.5B on a 24 GB GPU."""
+
+    # model and data
+    base_model: str = "auto"  # auto | demo | hub id | local folder
+    dataset: str = "magic_conch"  # a name in dataset_dir/dataset_info.json, or a .json/.jsonl path
+    dataset_dir: str = "data"
+    output_dir: str = "outputs/magic_conch_lora"
+    cutoff_len: int = 1024  # longest tokenized record (prompt + answer)
+    overlong: str = "error"  # records over cutoff_len: error | truncate | drop
+    max_samples: int | None = None  # use only the first N records (quick experiments)
+    val_size: float = 0.1  # share of records held out for eval loss; 0 = none
+    # optimisation
+    learning_rate: float = 2e-4  # LoRA tolerates ~10x the full fine-tuning rate; 1e-3 starts forgetting
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 2  # effective batch = batch size x accumulation x GPUs
+    max_grad_norm: float = 1.0  # gradient clipping
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant | constant_with_warmup
+    warmup: float = 0.1  # < 1: share of all steps; >= 1: number of steps
+    weight_decay: float = 0.0
+    compute_type: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on modern GPUs, fp32 on CPU)
+    packing: bool = True  # padding-free packing: no compute spent on padding
+    gradient_checkpointing: bool = False  # trade ~30% speed for much less activation memory
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: int = 16  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05
+    lora_target: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # bookkeeping
+    seed: int = 42
+    logging_steps: int = 5
+    eval_steps: int = 20
+    save_steps: int = 50
+    save_total_limit: int = 3
+    resume_from_checkpoint: str | None = None  # None | auto | a checkpoint folder
+    plot: str = "auto"  # auto (live in Jupyter) | live | lines | off
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict
+    log_history: list[dict]
+    trainable_params: int
+    total_params: int
+    plot_path: Path | None
+
+
+# ---------------------------------------------------------------------------------------------
+# progress: trainer_log.jsonl, printed lines, the live plot
+
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython().__class__.__name__ == "ZMQInteractiveShell"
+    except ImportError:
+        return False
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def plot_loss(history: list[dict], path: str | Path | None = None, title: str = "", ax=None):
+    """Train and eval loss against steps from a log history; saves a PNG when ``path`` is given."""
+    import matplotlib
+
+    if path is not None and ax is None and not in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["current_steps"], h["loss"]) for h in history if h.get("loss") is not None]
+    evals = [(h["current_steps"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.clear()
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", alpha=0.85)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend(loc="upper right")
+    fig = fig or ax.figure
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def read_log(output_dir: str | Path) -> list[dict]:
+    """The entries of ``trainer_log.jsonl`` (what the live plot draws)."""
+    path = Path(output_dir) / "trainer_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _progress_callback(output_dir: Path, mode: str):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Writes trainer_log.jsonl and shows progress: a live plot in Jupyter, lines otherwise."""
+
+        def __init__(self):
+            self.started = time.time()
+            self.history: list[dict] = []
+            self.handle = self.fig = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.started = time.time()
+            self.first_step = state.global_step  # > 0 when resuming
+            log = output_dir / "trainer_log.jsonl"
+            if state.is_world_process_zero:
+                # on resume keep the entries up to the checkpoint, drop the ones after it
+                self.history = [h for h in read_log(output_dir) if h["current_steps"] <= state.global_step]
+                log.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            elapsed = time.time() - self.started
+            done = max(state.global_step - self.first_step, 1)
+            remaining = elapsed / done * (state.max_steps - state.global_step)
+            entry = {"current_steps": state.global_step, "total_steps": state.max_steps,
+                     "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"),
+                     "lr": logs.get("learning_rate"), "epoch": round(state.epoch or 0, 2),
+                     "grad_norm": logs.get("grad_norm"),
+                     "percentage": round(100 * state.global_step / max(state.max_steps, 1), 1),
+                     "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining)}
+            if entry["loss"] is None and entry["eval_loss"] is None:
+                return  # the final train summary: reported by train() itself
+            self.history.append(entry)
+            with open(output_dir / "trainer_log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            status = (f"step {state.global_step}/{state.max_steps} ({entry['percentage']:.0f}%) · "
+                      f"{entry['elapsed_time']} elapsed · ETA {entry['remaining_time']}")
+            if mode == "live":
+                self._draw(status)
+            elif mode == "lines":
+                parts = [f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "",
+                         f"eval_loss {entry['eval_loss']:.4f}" if entry["eval_loss"] is not None else "",
+                         f"lr {entry['lr']:.2e}" if entry["lr"] is not None else "",
+                         f"epoch {entry['epoch']:.2f}"]
+                print(f"{status} | " + "  ".join(p for p in parts if p), flush=True)
+
+        def _draw(self, status):
+            import matplotlib.pyplot as plt
+            from IPython.display import display
+
+            if self.fig is None:
+                self.fig = plt.figure(figsize=(7, 3.6))
+                plt.close(self.fig)  # shown through the display handle only
+                self.handle = display(self.fig, display_id=True)
+            ax = self.fig.axes[0] if self.fig.axes else self.fig.add_subplot()
+            plot_loss(self.history, title=status, ax=ax)
+            self.handle.update(self.fig)
+
+    return Progress()
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def memory_report(device: str) -> dict:
+    """GPU: allocated now and peak (GB); CPU: the process's peak resident memory (GB)."""
+    if device == "cuda":
+        import torch
+
+        return {"gpu_allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 2),
+                "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "gpu_total_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    return {"cpu_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+def _dtype_flags(compute_type: str, device):
+    import torch
+
+    if compute_type == "auto":
+        compute_type = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(device.dtype, "fp32")
+    if compute_type not in ("bf16", "fp16", "fp32"):
+        raise ConchError(f"compute_type must be auto, bf16, fp16 or fp32, got '{compute_type}'.")
+    if compute_type != "fp32" and device.device == "cpu":
+        raise ConchError(f"compute_type={compute_type} needs a GPU; use compute_type=fp32 (or auto) on CPU.")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_type]
+    return compute_type, dtype
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest *complete* checkpoint (one whose trainer_state.json was written)."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = [p for p in folders if (p / "trainer_state.json").exists()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap a model with LoRA adapters on ``cfg.lora_target``; only they are trained."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.lora_target if t not in names]
+    if missing:
+        raise ConchError(f"lora_target {missing} are not module names of this model; "
+                         f"choose among {', '.join(sorted(n for n in names if n.endswith('proj')))}.")
+    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target))
+    return get_peft_model(model, lora)
+
+
+def collator(tokenizer, packing: bool):
+    """Packing: every batch is one row of concatenated records (position ids restart per record);
+    padded: records padded to the longest in the batch (LLaMA-Factory's default)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    from .data import IGNORE_INDEX
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Fine-tune ``cfg.base_model`` with LoRA on ``cfg.dataset``; returns where it all went."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from . import data, hub
+
+    if cfg.plot not in ("auto", "live", "lines", "off"):
+        raise ConchError(f"plot must be auto, live, lines or off, got '{cfg.plot}'.")
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    resume = cfg.resume_from_checkpoint
+    if resume == "auto":
+        resume = last_checkpoint(output_dir)
+    elif resume is not None and not (Path(resume) / "trainer_state.json").exists():
+        raise ConchError(f"resume_from_checkpoint={resume} is not a complete checkpoint folder; "
+                         "use auto or a checkpoint-N folder under output_dir.")
+
+    # model
+    resolved = hub.resolve(cfg.base_model)
+    device = hub.pick_device()
+    compute_type, dtype = _dtype_flags(cfg.compute_type, device)
+    device = hub.Device(device.device, dtype, device.why)
+    mem_before = memory_report(device.device)
+    model, tokenizer = hub.load_model(resolved.path, device, for_training=True)
+    model.config.use_cache = False  # required for correct packed attention, useless in training
+    model = add_lora(model, cfg)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    # data: read and check everything before the first step
+    examples = data.build_examples(tokenizer, cfg.dataset, cfg.dataset_dir, cfg.cutoff_len, cfg.max_samples,
+                                   cfg.overlong)
+    train_ex, val_ex = data.split_train_val(examples, cfg.val_size, cfg.seed)
+    as_ds = lambda exs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])  # noqa: E731
+
+    mode = cfg.plot if cfg.plot != "auto" else ("live" if in_notebook() else "lines")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args = TrainingArguments(
+        output_dir=str(output_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
+        bf16=compute_type == "bf16", fp16=compute_type == "fp16", use_cpu=device.device == "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if val_ex else "no", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed, report_to="none", remove_unused_columns=False, disable_tqdm=True,
+        dataloader_num_workers=0, ddp_find_unused_parameters=False,
+    )
+    progress = _progress_callback(output_dir, mode)
+    trainer = Trainer(model=model, args=args, train_dataset=as_ds(train_ex), eval_dataset=as_ds(val_ex) if val_ex else None,
+                      data_collator=collator(tokenizer, cfg.packing), processing_class=tokenizer,
+                      callbacks=[progress] + list(callbacks or []))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our Progress callback reports instead
+    main = trainer.is_world_process_zero()
+    if main:
+        stats = data.length_stats(examples)
+        print(f"model: {resolved.name} on {device}\n"
+              f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} on {','.join(cfg.lora_target)}: "
+              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)\n"
+              f"data: {len(train_ex)} train / {len(val_ex)} eval records, {stats['tokens']:,} tokens "
+              f"(mean {stats['mean']}, max {stats['max']}), packing={'on' if cfg.packing else 'off'}\n"
+              f"memory before training: {mem_before}" + (f"\nresuming from {resume}" if resume else ""), flush=True)
+        (output_dir / "train_config.yaml").write_text(_yaml(dataclasses.asdict(cfg)))
+
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.time() - started
+    metrics = dict(result.metrics)
+    if val_ex:
+        last = next((h for h in reversed(progress.history) if h.get("eval_loss") is not None), None)
+        if last is None or last["current_steps"] != trainer.state.global_step:
+            last = {"eval_loss": trainer.evaluate()["eval_loss"]}
+        metrics["eval_loss"] = last["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(last["eval_loss"], 50))
+    memory = memory_report(device.device)
+
+    plot_path = None
+    if main:
+        _save_adapter_atomically(trainer, output_dir)
+        history = read_log(output_dir)
+        if cfg.plot != "off":
+            plot_path = output_dir / "loss.png"
+            fig = plot_loss(history, plot_path, title=f"{resolved.name}: LoRA r={cfg.lora_rank}, "
+                                                      f"lr={cfg.learning_rate:g}")
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        summary = {**metrics, "train_seconds": round(seconds, 1), "trainable_params": trainable,
+                   "total_params": total, "base_model": resolved.name, "base_model_path": str(resolved.path),
+                   "memory": memory}
+        (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2))
+        print(f"done in {_clock(seconds)}: train loss {metrics.get('train_loss', float('nan')):.4f}"
+              + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+              + f"\nmemory: {memory}\nadapter saved to {output_dir}", flush=True)
+    else:
+        history = []
+    return TrainResult(output_dir, metrics, history, trainable, total, plot_path)
+
+
+def _save_adapter_atomically(trainer, output_dir: Path) -> None:
+    """Write the adapter to a temporary folder, then move its files into output_dir."""
+    tmp = output_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    for item in tmp.iterdir():
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    tmp.rmdir()
+
+
+def _yaml(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
