@@ -49,3 +49,10 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("a: [1,\n")
     with pytest.raises(ConchError, match="not valid YAML"):
         load_config(Cfg, bad)
+
+
+def test_later_files_override_earlier_ones(tmp_path):
+    base, overlay = tmp_path / "base.yaml", tmp_path / "cpu.yaml"
+    base.write_text("epochs: 5\nname: gpu\n")
+    overlay.write_text("name: cpu\n")
+    assert load_config(Cfg, [base, overlay]) == Cfg(epochs=5, name="cpu")

@@ -1,7 +1,7 @@
 """Stage configs: dataclasses loaded from YAML, overridden from the CLI or a notebook cell.
 
 Each stage has one ``@dataclass`` config. ``load_config(TrainConfig, "configs/x.yaml",
-["learning_rate=1e-4"])`` reads the YAML (its top level, or the section named after the stage),
+["learning_rate=1e-4"])`` reads the YAML file(s),
 applies ``key=value`` overrides, converts each value to the field's type, and rejects unknown
 keys with one sentence that lists the valid ones.
 """
@@ -44,33 +44,19 @@ def _convert(cls, name: str, value, source: str):
     return value
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None,
-                section: str | None = None):
-    """Build a `cls` from YAML file `path` (optional) and overrides (``key=value`` strings or a dict)."""
-    values: dict = {}
-    source = "defaults"
-    if path:
-        import yaml
+def load_config(cls, path: str | Path | list | None = None, overrides: list[str] | dict | None = None):
+    """Build a `cls` from YAML file(s) and overrides (``key=value`` strings or a dict).
 
-        path = Path(path)
-        if not path.exists():
-            raise ConchError(f"config file {path} does not exist; check the path (configs/ holds the examples).")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConchError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the line it names.") from None
-        if not isinstance(loaded, dict):
-            raise ConchError(f"{path} must hold key: value pairs at its top level.")
-        if section and isinstance(loaded.get(section), dict):
-            loaded = loaded[section]
-        values.update(loaded)
-        source = str(path)
+    ``path`` may be a list: later files override earlier ones (e.g. the GPU defaults, then a
+    CPU overlay).
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     result = {}
-    for key, value in values.items():
-        if key not in names:
-            raise ConchError(f"{source}: unknown setting '{key}'; valid settings are: {', '.join(sorted(names))}.")
-        result[key] = _convert(cls, key, value, source)
+    for file in ([path] if isinstance(path, (str, Path)) else path or []):
+        for key, value in _read_yaml(Path(file)).items():
+            if key not in names:
+                raise ConchError(f"{file}: unknown setting '{key}'; valid settings are: {', '.join(sorted(names))}.")
+            result[key] = _convert(cls, key, value, str(file))
     if isinstance(overrides, dict):
         overrides = [f"{k}={v}" for k, v in overrides.items()]
     for item in overrides or []:
@@ -99,3 +85,17 @@ def parse_cli_overrides(args: list[str]) -> list[str]:
             out.append(f"{arg[2:]}=true")
             i += 1
     return out
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.exists():
+        raise ConchError(f"config file {path} does not exist; check the path (configs/ holds the examples).")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConchError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the line it names.") from None
+    if not isinstance(loaded, dict):
+        raise ConchError(f"{path} must hold key: value pairs at its top level.")
+    return loaded

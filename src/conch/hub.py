@@ -76,8 +76,9 @@ def pick_device() -> Device:
 def set_threads() -> int:
     """Use only the cores that are free: oversubscribed threads run about 10x slower.
 
-    ``CONCH_THREADS`` overrides. Otherwise: the cores this process may use minus the
-    one-minute load average of everything else, at least one.
+    ``CONCH_THREADS`` overrides. Otherwise: the cores this process may use minus the cores
+    that other processes keep busy right now (sampled from /proc/stat for 0.2 s; a load average
+    would still count work that ended a minute ago), at least one.
     """
     import torch
 
@@ -85,10 +86,27 @@ def set_threads() -> int:
         n = int(os.environ["CONCH_THREADS"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-        n = max(1, cores - busy)
+        n = max(1, min(cores, round(cores - _busy_cores(cores))))
     torch.set_num_threads(n)
     return n
+
+
+def _busy_cores(cores: int, seconds: float = 0.2) -> float:
+    """How many cores other processes are using now (0 where /proc/stat is not available)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    machine_cores = os.cpu_count() or cores
+    busy = (1 - (idle1 - idle0) / max(total1 - total0, 1)) * machine_cores
+    return min(busy, cores)
 
 
 # ---------------------------------------------------------------------------------------------

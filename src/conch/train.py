@@ -274,8 +274,6 @@ def collator(tokenizer, packing: bool):
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Fine-tune ``cfg.base_model`` with LoRA on ``cfg.dataset``; returns where it all went."""
-    import torch
-    from datasets import Dataset
     from transformers import Trainer, TrainingArguments, set_seed
 
     from . import data, hub
@@ -306,7 +304,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     examples = data.build_examples(tokenizer, cfg.dataset, cfg.dataset_dir, cfg.cutoff_len, cfg.max_samples,
                                    cfg.overlong)
     train_ex, val_ex = data.split_train_val(examples, cfg.val_size, cfg.seed)
-    as_ds = lambda exs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])  # noqa: E731
+    as_ds = lambda exs: [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]  # noqa: E731
 
     mode = cfg.plot if cfg.plot != "auto" else ("live" if in_notebook() else "lines")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -317,8 +315,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
         bf16=compute_type == "bf16", fp16=compute_type == "fp16", use_cpu=device.device == "cpu",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.logging_steps, logging_first_step=True,
         eval_strategy="steps" if val_ex else "no", eval_steps=cfg.eval_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,

@@ -1,0 +1,141 @@
+"""LoRA training on the tiny R1 model: seconds per test, real Trainer, real files."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conch import data, hub, train
+from conch.errors import ConchError
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """20 Magic Conch records, in a folder with its own dataset_info.json."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = json.load(open("data/magic_conch.json", encoding="utf-8"))[:20]
+    (folder / "small.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (folder / "dataset_info.json").write_text(json.dumps({"small": {"file_name": "small.json"}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_trainable(tmp_path_factory, small_data):
+    """A tiny R1 model whose tokenizer knows the data and whose weights are large enough for LoRA."""
+    from conch.tiny import build_tiny_r1
+
+    rows = json.load(open(small_data / "small.json", encoding="utf-8"))
+    texts = [r["instruction"] + r["output"] for r in rows]
+    return build_tiny_r1(tmp_path_factory.mktemp("tiny"), texts=texts, init_std=0.2)
+
+
+def config(model, small_data, out, **kw):
+    values = dict(base_model=str(model), dataset="small", dataset_dir=str(small_data), output_dir=str(out),
+                  cutoff_len=256, val_size=0.1, learning_rate=1e-2, max_steps=30, per_device_train_batch_size=4,
+                  gradient_accumulation_steps=1, warmup=0, logging_steps=5, eval_steps=10, save_steps=10,
+                  lora_rank=8, lora_alpha=16, lora_dropout=0.0, plot="lines")
+    values.update(kw)
+    return train.TrainConfig(**values)
+
+
+def test_lora_training_lowers_the_loss_and_writes_everything(tiny_trainable, small_data, tmp_path):
+    result = train.train(config(tiny_trainable, small_data, tmp_path / "run"))
+    losses = [h["loss"] for h in result.log_history if h.get("loss") is not None]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert 0 < result.trainable_params < 0.5 * result.total_params
+    out = result.output_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl", "loss.png",
+                 "train_config.yaml", "train_results.json", "checkpoint-30"):
+        assert (out / name).exists(), name
+    assert not (out / ".adapter.tmp").exists()
+    log = train.read_log(out)
+    assert log[-1]["current_steps"] == 30 and any(h.get("eval_loss") for h in log)
+    assert json.loads((out / "train_results.json").read_text())["trainable_params"] == result.trainable_params
+
+
+def test_packed_loss_equals_padded_loss(tiny_trainable, small_data):
+    """Padding-free packing must not let records attend to each other (needs use_cache=False)."""
+    model, tok = hub.load_model(tiny_trainable)
+    model.config.use_cache = False
+    examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:6]
+    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    with torch.no_grad():
+        padded = model(**train.collator(tok, packing=False)(features)).loss
+        packed_batch = train.collator(tok, packing=True)(features)
+        packed = model(**packed_batch).loss
+    assert packed_batch["input_ids"].shape[0] == 1  # one row, no padding
+    # packing drops the first label of each record (it has no previous token in its own record),
+    # which the padded path also never predicts: the two means cover the same tokens
+    assert torch.allclose(packed, padded, atol=1e-5), (packed, padded)
+
+
+def test_resume_after_a_hard_kill(tiny_trainable, small_data, tmp_path):
+    """Kill -9 after checkpoint-10, resume with auto: ends at the same step, no checkpoint lost."""
+    out = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from transformers import TrainerCallback
+        from conch import train
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == 13:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        cfg = train.TrainConfig(base_model={str(tiny_trainable)!r}, dataset="small", dataset_dir={str(small_data)!r},
+            output_dir={str(out)!r}, cutoff_len=256, val_size=0, learning_rate=3e-3, max_steps=30,
+            per_device_train_batch_size=4, warmup=0, logging_steps=5, save_steps=10, plot="lines")
+        train.train(cfg, callbacks=[Kill()])
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert train.last_checkpoint(out).name == "checkpoint-10"
+    assert not (out / "adapter_model.safetensors").exists()
+
+    result = train.train(config(tiny_trainable, small_data, out, val_size=0, resume_from_checkpoint="auto"))
+    log = train.read_log(out)
+    assert log[-1]["current_steps"] == 30 and result.metrics["epoch"] > 0
+    steps = [h["current_steps"] for h in log]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
+    assert {p.name for p in out.glob("checkpoint-*")} >= {"checkpoint-10", "checkpoint-20", "checkpoint-30"}
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_two_processes_with_accelerate(tiny_trainable, small_data, tmp_path):
+    """`accelerate launch` runs the same CLI on several devices; here two CPU processes."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "conch", "train", "--config", "configs/magic_conch_lora.yaml",
+           "--base_model", str(tiny_trainable), "--dataset", "small", "--dataset_dir", str(small_data),
+           "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
+           "--cutoff_len", "256", "--val_size", "0", "--save_steps", "6", "--logging_steps", "2",
+           "--learning_rate", "3e-3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "CONCH_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").exists()
+    assert result.stdout.count("adapter saved to") == 1  # only the main process reports
+    assert train.read_log(out)[-1]["current_steps"] == 6
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(lora_target=["q_proj", "attn_qkv"]), "not module names"),
+    (dict(compute_type="bf16"), "needs a GPU"),
+    (dict(compute_type="fp8"), "compute_type must be"),
+    (dict(plot="gif"), "plot must be"),
+    (dict(resume_from_checkpoint="/no/such/checkpoint"), "not a complete checkpoint"),
+])
+def test_bad_settings_are_one_sentence(tiny_trainable, small_data, tmp_path, override, message):
+    with pytest.raises(ConchError, match=message):
+        train.train(config(tiny_trainable, small_data, tmp_path / "bad", **override))
+
+
+def test_shipped_config_loads():
+    from conch.config import load_config
+
+    cfg = load_config(train.TrainConfig, "configs/magic_conch_lora.yaml")
+    assert cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and cfg.packing
