@@ -141,3 +141,9 @@ def test_split_is_seeded_and_disjoint():
     assert data.split_train_val(items, 0.1, seed=1) == (train, val)
     with pytest.raises(ConchError, match="val_size"):
         data.split_train_val(items, 1.5, seed=1)
+
+
+def test_truncate_cannot_help_when_the_prompt_alone_is_too_long(demo_tokenizer, tmp_path):
+    path = write(tmp_path, "p.json", [{"instruction": "很长的问题 " * 100, "output": "a"}])
+    with pytest.raises(ConchError, match=r"its prompt alone is \d+ tokens.*overlong=drop"):
+        data.build_examples(demo_tokenizer, str(path), cutoff_len=64, overlong="truncate")

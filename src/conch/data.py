@@ -9,8 +9,9 @@ or given as a path (``.json`` list or ``.jsonl``):
   (``role``/``content``), optional ``system``.
 
 Each record becomes chat messages, is rendered with the model's *own* chat template, and every
-token but the final answer is masked with -100 (LLaMA-Factory's default: the model learns to
-answer, not to repeat questions). The answer is built exactly the way inference will see it:
+token but the final answer is masked with -100: the model learns to answer, not to repeat
+questions (LLaMA-Factory masks prompts the same way). Earlier answers of a multi-turn record
+are context only (LLaMA-Factory's ``mask_history: true``), so every record teaches one answer. The answer is built exactly the way inference will see it:
 the prompt is the template's generation prompt, and the answer is what must follow it. For
 DeepSeek-R1, whose generation prompt opens ``<think>\\n``, an answer without reasoning is
 trained as ``\\n</think>\\n\\n`` + answer, an empty think block, so the tuned model closes its
@@ -200,7 +201,11 @@ def encode(tokenizer, messages: list[dict], cutoff_len: int, overlong: str = "er
     if total > cutoff_len:
         if overlong == "drop":
             return None
-        if overlong != "truncate" or len(prompt_ids) >= cutoff_len:
+        if overlong == "truncate" and len(prompt_ids) >= cutoff_len:
+            raise ConchError(f"{where}: its prompt alone is {len(prompt_ids)} tokens, not less than "
+                             f"cutoff_len={cutoff_len}, so no answer token would be left; raise cutoff_len, "
+                             "shorten its 'instruction'/'input', or set overlong=drop.")
+        if overlong != "truncate":
             raise ConchError(f"{where} is {total} tokens, longer than cutoff_len={cutoff_len}; raise cutoff_len, "
                              "shorten its 'output', or set overlong=truncate.")
         answer_ids = answer_ids[: cutoff_len - len(prompt_ids)]

@@ -254,18 +254,26 @@ def ensure_demo(target: Path | None = None) -> Path:
 # loading
 
 
-def load_model(path: str | Path, device: Device | None = None, for_training: bool = False):
-    """Load a causal LM and its tokenizer from a local folder onto the chosen device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def load_tokenizer(path: str | Path):
+    """Only the tokenizer of a model folder (seconds, no weights), with a pad token."""
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for learners
-    device = device or pick_device()
     path = Path(path)
     _check_model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, device: Device | None = None, for_training: bool = False):
+    """Load a causal LM and its tokenizer from a local folder onto the chosen device."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for learners
+    device = device or pick_device()
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=device.dtype).to(device.device)
     if not for_training:
         model.eval()

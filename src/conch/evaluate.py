@@ -1,0 +1,237 @@
+"""Stage 5: what did fine-tuning change? Base vs fine-tuned, side by side, with numbers.
+
+``evaluate(EvalConfig)`` loads the base model once with the adapter on top and answers every
+held-out question twice (adapter disabled, then enabled), in batches, greedily. It reports:
+
+- eval loss and perplexity of the reference answers (answer tokens only, as in training);
+- ROUGE-L and BLEU-4 against the references, on characters for Chinese and words for other
+  text (LLaMA-Factory segments Chinese with jieba; characters need no dictionary and rank
+  answers the same way on short texts);
+- identity hit rate: the share of identity answers that name both the Magic Conch (神奇海螺)
+  and the Krusty Krab (蟹堡王);
+- a forgetting check: general questions the training data never touches, with expected words.
+
+It writes ``report.json`` and ``report.md`` (the side-by-side table) next to the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ConchError
+
+IDENTITY_NAMES = (("神奇海螺", "magic conch"), ("蟹堡王", "krusty krab"))
+
+
+@dataclass
+class EvalConfig:
+    base_model: str = "auto"
+    adapter: str = "outputs/magic_conch_lora"
+    eval_dataset: str = "magic_conch_eval"  # name in dataset_dir/dataset_info.json, or a path
+    dataset_dir: str = "data"
+    general_questions: str = "data/general_questions.json"
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    cutoff_len: int = 1024
+    report_dir: str | None = None  # default: the adapter folder
+
+
+# ---------------------------------------------------------------------------------------------
+# text metrics
+
+
+_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[A-Za-z0-9]+(?:'[A-Za-z]+)?|[^\sA-Za-z0-9\u3400-\u9fff]")
+
+
+def tokens(text: str) -> list[str]:
+    """Chinese characters one by one, other words whole, punctuation as its own token; lowercased."""
+    return [t.lower() for t in _TOKEN.findall(text)]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 from the longest common subsequence of tokens."""
+    c, r = tokens(candidate), tokens(reference)
+    if not c or not r:
+        return 0.0
+    prev = [0] * (len(r) + 1)
+    for x in c:
+        cur = [0]
+        for j, y in enumerate(r):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(c), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def bleu4(candidate: str, reference: str) -> float:
+    """Sentence BLEU-4 with add-one smoothing of the 2-4-gram precisions and a brevity penalty."""
+    c, r = tokens(candidate), tokens(reference)
+    if not c or not r:
+        return 0.0
+    log_precision = 0.0
+    for n in range(1, 5):
+        grams = Counter(tuple(c[i:i + n]) for i in range(len(c) - n + 1))
+        ref = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        matched = sum(min(count, ref[g]) for g, count in grams.items())
+        total = max(len(c) - n + 1, 0)
+        if n == 1:
+            if matched == 0:
+                return 0.0
+            log_precision += math.log(matched / total)
+        else:
+            log_precision += math.log((matched + 1) / (total + 1))
+    brevity = 1.0 if len(c) > len(r) else math.exp(1 - len(r) / len(c))
+    return brevity * math.exp(log_precision / 4)
+
+
+def names_identity(answer: str) -> bool:
+    """True when the answer names both the Magic Conch and the Krusty Krab (Chinese or English)."""
+    low = answer.lower()
+    return all(any(name in low for name in names) for names in IDENTITY_NAMES)
+
+
+def knows(answer: str, expected: list[str]) -> bool:
+    low = answer.lower()
+    return any(e.lower() in low for e in expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation
+
+
+@dataclass
+class Report:
+    metrics: dict  # {"base": {...}, "tuned": {...}}
+    rows: list[dict]  # question, category, reference, base, tuned
+    general: list[dict]  # question, expected, base, tuned, base_ok, tuned_ok
+    json_path: Path | None = None
+    md_path: Path | None = None
+
+    def table(self) -> str:
+        """The metric table as text."""
+        keys = ["eval_loss", "perplexity", "rouge_l", "bleu4", "identity_hit_rate", "general_kept"]
+        lines = [f"{'metric':<20}{'base':>10}{'tuned':>10}"]
+        for k in keys:
+            b, t = self.metrics["base"][k], self.metrics["tuned"][k]
+            lines.append(f"{k:<20}{b:>10.3f}{t:>10.3f}")
+        return "\n".join(lines)
+
+
+def answer_loss(model, tokenizer, examples, batch_size: int = 8) -> float:
+    """Mean loss over answer tokens only (the same masking as training), padded batches."""
+    import torch
+
+    from .train import collator
+
+    collate = collator(tokenizer, packing=False)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(examples), batch_size):
+            batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in examples[i:i + batch_size]])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += losses.item()
+            count += (labels != -100).sum().item()
+    return total / max(count, 1)
+
+
+def _answers(model, tokenizer, questions, gen, batch_size):
+    from . import chat
+
+    replies = []
+    for i in range(0, len(questions), batch_size):
+        replies += chat.generate(model, tokenizer, questions[i:i + batch_size], gen)
+    return [r.answer for r in replies]
+
+
+def _scores(answers, rows, general_answers, general, loss) -> dict:
+    refs = [r["reference"] for r in rows]
+    identity = [a for a, r in zip(answers, rows) if r["category"] == "identity"]
+    return {
+        "eval_loss": loss, "perplexity": math.exp(min(loss, 50)),
+        "rouge_l": sum(map(rouge_l, answers, refs)) / len(refs),
+        "bleu4": sum(map(bleu4, answers, refs)) / len(refs),
+        "identity_hit_rate": sum(map(names_identity, identity)) / len(identity) if identity else float("nan"),
+        "general_kept": (sum(knows(a, g["expected"]) for a, g in zip(general_answers, general)) / len(general)
+                         if general else float("nan")),
+    }
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> Report:
+    """Compare base and fine-tuned answers on the held-out set; write report.json and report.md.
+
+    Pass ``model`` (a PeftModel) and ``tokenizer`` to reuse ones already loaded.
+    """
+    from . import chat, data
+
+    if model is None:
+        model, tokenizer = chat.load(cfg.base_model, cfg.adapter)
+    if not hasattr(model, "disable_adapter"):
+        raise ConchError("evaluate needs the base model with its LoRA adapter on top; pass adapter=<folder>.")
+    file, _ = data.find_dataset(cfg.eval_dataset, cfg.dataset_dir)
+    records = data.load_records(cfg.eval_dataset, cfg.dataset_dir)
+    raw = data._read_json(file)
+    rows = [{"question": m[-2]["content"], "category": (r.get("category") if isinstance(r, dict) else None) or "",
+             "reference": m[-1]["content"]} for m, r in zip(records, raw)]
+    questions = [m[:-1] for m in records]
+    examples = [data.encode(tokenizer, m, cfg.cutoff_len, "truncate", f"{file} record {i}")
+                for i, m in enumerate(records)]
+    general = json.loads(Path(cfg.general_questions).read_text(encoding="utf-8")) if cfg.general_questions else []
+    gen = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
+
+    results = {}
+    for name in ("base", "tuned"):
+        if name == "base":
+            with model.disable_adapter():
+                answers = _answers(model, tokenizer, questions, gen, cfg.batch_size)
+                general_answers = _answers(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
+                loss = answer_loss(model, tokenizer, examples, cfg.batch_size)
+        else:
+            answers = _answers(model, tokenizer, questions, gen, cfg.batch_size)
+            general_answers = _answers(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
+            loss = answer_loss(model, tokenizer, examples, cfg.batch_size)
+        results[name] = (answers, general_answers, _scores(answers, rows, general_answers, general, loss))
+
+    for i, row in enumerate(rows):
+        row["base"], row["tuned"] = results["base"][0][i], results["tuned"][0][i]
+    general_rows = [{"question": g["question"], "expected": g["expected"], "base": results["base"][1][i],
+                     "tuned": results["tuned"][1][i], "base_ok": knows(results["base"][1][i], g["expected"]),
+                     "tuned_ok": knows(results["tuned"][1][i], g["expected"])} for i, g in enumerate(general)]
+    report = Report({k: v[2] for k, v in results.items()}, rows, general_rows)
+    out = Path(cfg.report_dir or cfg.adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    report.json_path, report.md_path = out / "report.json", out / "report.md"
+    payload = {"config": asdict(cfg), "metrics": report.metrics, "rows": rows, "general": general_rows}
+    report.json_path.write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
+    report.md_path.write_text(to_markdown(report), encoding="utf-8")
+    return report
+
+
+def _cell(text: str, width: int = 120) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def to_markdown(report: Report) -> str:
+    lines = ["# Base vs fine-tuned", "", "```", report.table(), "```", "",
+             "| # | category | question | reference | base | tuned |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(report.rows):
+        lines.append(f"| {i} | {r['category']} | {_cell(r['question'])} | {_cell(r['reference'])} | "
+                     f"{_cell(r['base'])} | {_cell(r['tuned'])} |")
+    lines += ["", "## Forgetting check", "", "| question | expected | base | tuned |", "|---|---|---|---|"]
+    for g in report.general:
+        mark = lambda ok: "✅" if ok else "❌"  # noqa: E731
+        lines.append(f"| {_cell(g['question'])} | {', '.join(g['expected'])} | {mark(g['base_ok'])} "
+                     f"{_cell(g['base'], 60)} | {mark(g['tuned_ok'])} {_cell(g['tuned'], 60)} |")
+    return "\n".join(lines) + "\n"

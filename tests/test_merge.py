@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from conch import chat, hub, merge
+from conch.errors import ConchError
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_r1, tmp_path_factory):
+    """A LoRA adapter with non-zero B (as after training), saved like train() saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = hub.load_model(tiny_r1)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def cfg(tiny_r1, adapter, out, **kw):
+    return merge.MergeConfig(base_model=str(tiny_r1), adapter=str(adapter), output_dir=str(out), **kw)
+
+
+def test_merge_matches_base_plus_adapter(tiny_r1, adapter, tmp_path):
+    result = merge.merge(cfg(tiny_r1, adapter, tmp_path / "merged"))
+    assert result.dtype == "fp32" and result.max_logit_diff <= 1e-4
+    out = result.output_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert name in result.files, name
+    assert "chat_template" in (out / "tokenizer_config.json").read_text() or (out / "chat_template.jinja").exists()
+    assert not (tmp_path / "merged.tmp").exists()
+    assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6
+    # the same greedy answers after reload as with base + adapter
+    gen = chat.GenConfig(max_new_tokens=8, temperature=0)
+    peft_model, tok = chat.load(tiny_r1, adapter)
+    merged_model, merged_tok = chat.load(out)
+    questions = ["你是谁？", "Who are you?"]
+    assert [r.text for r in chat.generate(peft_model, tok, questions, gen)] == \
+           [r.text for r in chat.generate(merged_model, merged_tok, questions, gen)]
+
+
+def test_sharded_export(tiny_r1, adapter, tmp_path):
+    result = merge.merge(cfg(tiny_r1, adapter, tmp_path / "sharded", max_shard_size="200KB"))
+    shards = [f for f in result.files if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in result.files
+
+
+def test_failed_export_leaves_nothing_half(tiny_r1, adapter, tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier, complete export")
+    monkeypatch.setitem(merge.TOLERANCE, "fp32", -1.0)  # every difference is now too large
+    with pytest.raises(ConchError, match="nothing was written"):
+        merge.merge(cfg(tiny_r1, adapter, out))
+    assert (out / "previous.txt").exists() and not (tmp_path / "merged.tmp").exists()
+
+
+def test_crash_while_saving_leaves_nothing_half(tiny_r1, adapter, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    def boom(self, *a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        merge.merge(cfg(tiny_r1, adapter, tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.tmp").exists()
+
+
+def test_refuses_a_quantized_base(tiny_r1, adapter, tmp_path, monkeypatch):
+    real = hub.load_model
+
+    def quantized(*a, **kw):
+        model, tok = real(*a, **kw)
+        model.config.quantization_config = {"load_in_4bit": True}
+        return model, tok
+
+    monkeypatch.setattr(hub, "load_model", quantized)
+    with pytest.raises(ConchError, match="is quantized"):
+        merge.merge(cfg(tiny_r1, adapter, tmp_path / "merged"))
+
+
+def test_not_an_adapter(tiny_r1, tmp_path):
+    with pytest.raises(ConchError, match="not a LoRA adapter folder"):
+        merge.merge(cfg(tiny_r1, tmp_path, tmp_path / "merged"))
