@@ -1,6 +1,7 @@
 """The command line: ``python -m conch <stage> [--key value ...]``.
 
-Stages: ``run`` (the whole pipeline), ``download``, ``chat``, ``train``. Every stage reads its
+Stages: ``run`` (the whole pipeline), ``download``, ``chat``, ``train``, ``eval``, ``merge``,
+``serve``. Every stage reads its
 config dataclass from ``--config file.yaml`` and takes any of its fields as ``--key value``.
 A mistake the user can fix ends in one sentence on stderr and exit code 2.
 """
@@ -51,6 +52,31 @@ def _cmd_train(args, extra):
     train(load_config(TrainConfig, args.config, parse_cli_overrides(extra)))
 
 
+def _cmd_eval(args, extra):
+    from .config import load_config, parse_cli_overrides
+    from .evaluate import EvalConfig, evaluate
+
+    report = evaluate(load_config(EvalConfig, args.config, parse_cli_overrides(extra)))
+    print(report.table())
+    print(f"report: {report.md_path} (side by side) and {report.json_path}")
+
+
+def _cmd_merge(args, extra):
+    from .config import load_config, parse_cli_overrides
+    from .merge import MergeConfig, merge
+
+    result = merge(load_config(MergeConfig, args.config, parse_cli_overrides(extra)))
+    print(f"merged model in {result.output_dir}: {result.size_bytes / 2**20:,.0f} MiB, {result.dtype}, "
+          f"max logit difference {result.max_logit_diff:.2e} (tolerance {result.tolerance:g})")
+
+
+def _cmd_serve(args, extra):
+    from .config import load_config, parse_cli_overrides
+    from .serve import ServeConfig, serve
+
+    serve(load_config(ServeConfig, args.config, parse_cli_overrides(extra)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m conch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -77,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA fine-tuning; any TrainConfig field as --key value")
     p.add_argument("--config", default="configs/magic_conch_lora.yaml")
     p.set_defaults(func=_cmd_train, extra_ok=True)
+
+    p = sub.add_parser("eval", help="base vs fine-tuned on the held-out set; any EvalConfig field as --key value")
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=_cmd_eval, extra_ok=True)
+
+    p = sub.add_parser("merge", help="merge the LoRA adapter into the base model; --base_model --adapter --output_dir")
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=_cmd_merge, extra_ok=True)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible); any ServeConfig field")
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=_cmd_serve, extra_ok=True)
     return parser
 
 

@@ -1,0 +1,103 @@
+"""Call a running Magic Conch server from Python (what a web backend does).
+
+    from conch.client import ConchClient
+    conch = ConchClient("http://127.0.0.1:8000", api_key=None)
+    conch.ask("你是谁？")                          # the answer text
+    for piece in conch.stream("美味蟹堡怎么做？"):  # the answer as it is generated
+        print(piece, end="")
+
+The server speaks the OpenAI API, so the ``openai`` SDK works too:
+``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="…")``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+
+
+class ConchAPIError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message = status, message
+
+
+@dataclass
+class Answer:
+    content: str
+    reasoning: str
+    finish_reason: str
+    usage: dict
+
+
+class ConchClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 120):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @staticmethod
+    def _check(response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:
+                message = response.text[:200]
+            raise ConchAPIError(response.status_code, message)
+        return response
+
+    @staticmethod
+    def _messages(question: str | list[dict], system: str | None) -> list[dict]:
+        if not isinstance(question, str):
+            return list(question)
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+    def health(self) -> dict:
+        return self._check(self.http.get("/health")).json()
+
+    def generate(self, prompt: str, **params) -> dict:
+        """The seeds' ``GET /generate?prompt=…`` endpoint: ``{"generated_text": …}``."""
+        return self._check(self.http.get("/generate", params={"prompt": prompt, **params})).json()
+
+    def chat(self, question: str | list[dict], system: str | None = None, **params) -> Answer:
+        """One complete answer (``params``: temperature, top_p, max_tokens, stop)."""
+        body = {"messages": self._messages(question, system), **params}
+        data = self._check(self.http.post("/v1/chat/completions", json=body)).json()
+        choice = data["choices"][0]
+        return Answer(choice["message"]["content"], choice["message"].get("reasoning_content") or "",
+                      choice["finish_reason"], data["usage"])
+
+    def ask(self, question: str | list[dict], **params) -> str:
+        return self.chat(question, **params).content
+
+    def stream(self, question: str | list[dict], system: str | None = None, reasoning: bool = False,
+               **params) -> Iterator[str]:
+        """Yield the answer's text as it is generated (and the reasoning first, if asked)."""
+        body = {"messages": self._messages(question, system), "stream": True, **params}
+        with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise ConchAPIError(500, event["error"]["message"])
+                for choice in event.get("choices", []):
+                    delta = choice.get("delta", {})
+                    if reasoning and delta.get("reasoning_content"):
+                        yield delta["reasoning_content"]
+                    if delta.get("content"):
+                        yield delta["content"]
