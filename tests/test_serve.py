@@ -16,14 +16,14 @@ KEY = "krabby-patty-secret"
 
 @pytest.fixture(scope="module")
 def demo_server(demo_path):
-    with running_server("--model", str(demo_path), "--max_batch_size", "16", "--max_tokens_limit", "256") as url:
+    with running_server(demo_path, "--max_batch_size", "16", "--max_tokens_limit", "256") as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def r1_server(tiny_r1):
     """The tiny R1 model behind an API key, with a queue of one and one request at a time."""
-    with running_server("--model", str(tiny_r1), "--api_key", KEY, "--max_queue", "1", "--max_batch_size", "1",
+    with running_server(tiny_r1, "--api_key", KEY, "--max_queue", "1", "--max_batch_size", "1",
                         "--max_messages", "4", "--max_prompt_chars", "200") as url:
         yield url
 

@@ -363,3 +363,74 @@ def serve(cfg: ServeConfig) -> None:
           f" as '{cfg.served_model_name}' on http://{cfg.host}:{cfg.port} (docs: /docs, chat page: /)"
           + ("; API key required" if (cfg.api_key or os.environ.get("CONCH_API_KEY")) else ""), flush=True)
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+
+
+class BackgroundServer:
+    """``python -m conch serve`` in a child process on a free local port (notebooks, make run, tests).
+
+        with BackgroundServer("outputs/magic_conch_merged") as server:
+            print(server.url)          # http://127.0.0.1:<port>
+
+    ``start()`` waits until ``/health`` answers; ``stop()`` sends SIGTERM, so uvicorn finishes the
+    requests in flight and runs the shutdown, and returns the exit code.
+    """
+
+    def __init__(self, model: str | Path, *args: str, port: int | None = None, env: dict | None = None,
+                 startup_timeout_s: float = 180, log: str | Path | None = None):
+        self.model, self.args, self.env = str(model), [str(a) for a in args], env or {}
+        self.port, self.timeout, self.log = port, startup_timeout_s, log
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "BackgroundServer":
+        import socket
+        import subprocess
+        import sys
+
+        import httpx
+
+        if self.port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "conch", "serve", "--model", self.model, "--host", "127.0.0.1",
+               "--port", str(self.port), *self.args]
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        deadline = time.time() + self.timeout
+        while True:
+            if self.process.poll() is not None:
+                detail = Path(self.log).read_text()[-2000:] if self.log else "(pass log=... to keep its output)"
+                raise ConchError(f"the server exited with code {self.process.returncode} before it was ready: "
+                                 f"{detail.strip().splitlines()[-1] if detail.strip() else 'no output'}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise ConchError(f"the server did not answer /health within {self.timeout:g} s.")
+            time.sleep(0.3)
+
+    def stop(self) -> int | None:
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

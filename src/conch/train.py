@@ -48,6 +48,7 @@ class TrainConfig:
     overlong: str = "error"  # records over cutoff_len: error | truncate | drop
     max_samples: int | None = None  # use only the first N records (quick experiments)
     val_size: float = 0.1  # share of records held out for eval loss; 0 = none
+    eval_dataset: str | None = None  # a separate held-out dataset for eval loss (then val_size is not used)
     # optimisation
     learning_rate: float = 2e-4  # LoRA tolerates ~10x the full fine-tuning rate; 1e-3 starts forgetting
     num_train_epochs: float = 3.0
@@ -272,9 +273,34 @@ def collator(tokenizer, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
+def training_arguments(cfg: TrainConfig, compute_type: str, device: str, evaluate: bool, **overrides):
+    """The Trainer settings `train()` uses for ``cfg`` (bench/ reuses them); ``overrides`` win."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(cfg.output_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
+        bf16=compute_type == "bf16", fp16=compute_type == "fp16", use_cpu=device == "cpu",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed, report_to="none", remove_unused_columns=False, disable_tqdm=True,
+        dataloader_num_workers=0, ddp_find_unused_parameters=False,
+    )
+    if "activation_checkpointing" not in TrainingArguments.__dataclass_fields__:  # transformers before the rename
+        values["gradient_checkpointing"] = values.pop("activation_checkpointing")
+        values["gradient_checkpointing_kwargs"] = values.pop("activation_checkpointing_kwargs")
+    return TrainingArguments(**{**values, **overrides})
+
+
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     """Fine-tune ``cfg.base_model`` with LoRA on ``cfg.dataset``; returns where it all went."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     from . import data, hub
 
@@ -303,26 +329,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     # data: read and check everything before the first step
     examples = data.build_examples(tokenizer, cfg.dataset, cfg.dataset_dir, cfg.cutoff_len, cfg.max_samples,
                                    cfg.overlong)
-    train_ex, val_ex = data.split_train_val(examples, cfg.val_size, cfg.seed)
+    if cfg.eval_dataset:
+        train_ex = examples
+        val_ex = data.build_examples(tokenizer, cfg.eval_dataset, cfg.dataset_dir, cfg.cutoff_len, None, "truncate")
+    else:
+        train_ex, val_ex = data.split_train_val(examples, cfg.val_size, cfg.seed)
     as_ds = lambda exs: [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]  # noqa: E731
 
     mode = cfg.plot if cfg.plot != "auto" else ("live" if in_notebook() else "lines")
     output_dir.mkdir(parents=True, exist_ok=True)
-    args = TrainingArguments(
-        output_dir=str(output_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
-        bf16=compute_type == "bf16", fp16=compute_type == "fp16", use_cpu=device.device == "cpu",
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        logging_steps=cfg.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if val_ex else "no", eval_steps=cfg.eval_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed, report_to="none", remove_unused_columns=False, disable_tqdm=True,
-        dataloader_num_workers=0, ddp_find_unused_parameters=False,
-    )
+    args = training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
     progress = _progress_callback(output_dir, mode)
     trainer = Trainer(model=model, args=args, train_dataset=as_ds(train_ex), eval_dataset=as_ds(val_ex) if val_ex else None,
                       data_collator=collator(tokenizer, cfg.packing), processing_class=tokenizer,
