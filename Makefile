@@ -8,7 +8,7 @@ STAMP := $(VENV)/.conch-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lab setup clean-models clean
+.PHONY: run test lab setup browser clean-models clean
 
 run: $(STAMP)
 	$(PY) -m conch run
@@ -20,6 +20,14 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 setup: $(STAMP)
+
+# Chromium + chromedriver for tests/test_browser.py (Debian/Ubuntu, as root); CI runs this first
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver are installed"; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)

@@ -1,0 +1,49 @@
+"""The chat page in a real browser: headless Chromium types a message and sees the answer stream in."""
+
+import os
+import shutil
+
+import pytest
+
+from .server import running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+
+if not (CHROMIUM and DRIVER):
+    message = "needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; make browser)"
+    if os.environ.get("CI"):
+        pytest.fail("CI must run the browser test: " + message, pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_streams_an_answer(browser, demo_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with running_server(demo_path, "--default_max_tokens", "24") as url:
+        browser.get(url + "/")
+        assert "神奇海螺" in browser.title
+        browser.find_element(By.ID, "input").send_keys("What is the capital of France?")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 90).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true'], .error"))
+        answers = browser.find_elements(By.CSS_SELECTOR, ".assistant")
+        assert answers and not browser.find_elements(By.CSS_SELECTOR, ".error")
+        assert "Paris" in answers[-1].text
+        assert browser.find_element(By.CSS_SELECTOR, ".user").text == "What is the capital of France?"
