@@ -28,7 +28,7 @@ def cfg(tiny_r1, adapter, out, **kw):
 
 def test_merge_matches_base_plus_adapter(tiny_r1, adapter, tmp_path):
     result = merge.merge(cfg(tiny_r1, adapter, tmp_path / "merged"))
-    assert result.dtype == "fp32" and result.max_logit_diff <= 1e-4
+    assert result.dtype == "fp32" and result.relative_diff <= 1e-4 and result.max_logit_diff < 1e-3
     out = result.output_dir
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert name in result.files, name

@@ -196,6 +196,7 @@ def test_full_queue_answers_503(r1_server):
     (["let me ", "think</th", "ink>\n\nI am ", "the Conch"], True, "let me think", "I am the Conch"),
     (["<thi", "nk>hmm</think>", "Paris"], False, "hmm", "Paris"),
     (["Paris", " is it"], False, "", "Paris is it"),
+    (["\n\nParis.", "\n\n"], False, "", "Paris."),  # trimmed like the non-streamed answer
     (["thinking forever"], True, "thinking forever", ""),
 ])
 def test_streamed_think_split(pieces, opened, reasoning, content):
@@ -204,4 +205,32 @@ def test_streamed_think_split(pieces, opened, reasoning, content):
     for i, piece in enumerate(pieces + [""]):
         r, c = splitter.feed(piece, final=i == len(pieces))
         got_r, got_c = got_r + r, got_c + c
-    assert (got_r.strip(), got_c) == (reasoning, content)
+    assert (got_r, got_c) == (reasoning, content)
+
+
+def test_stopping_the_server_is_clean(tiny_r1):
+    from conch.serve import BackgroundServer
+
+    server = BackgroundServer(tiny_r1, env={"CONCH_THREADS": "1"}).start()
+    assert server.stop() == 0  # SIGTERM: graceful shutdown, exit code 0
+
+
+def test_default_max_tokens_never_exceeds_the_limit(tiny_r1):
+    """The chat page sends no max_tokens: the server's default must respect its own limit."""
+    with running_server(tiny_r1, "--max_tokens_limit", "8") as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+
+
+def test_client_retries_a_busy_server(r1_server):
+    """ConchClient waits for Retry-After and tries again; the openai SDK does the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conch.client import ConchClient
+
+    def ask(_):
+        with ConchClient(r1_server, api_key=KEY, max_retries=6) as client:
+            return client.chat("hi", max_tokens=50, temperature=1.0).finish_reason
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(reason in ("stop", "length") for reason in pool.map(ask, range(4)))

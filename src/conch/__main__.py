@@ -67,7 +67,8 @@ def _cmd_merge(args, extra):
 
     result = merge(load_config(MergeConfig, args.config, parse_cli_overrides(extra)))
     print(f"merged model in {result.output_dir}: {result.size_bytes / 2**20:,.0f} MiB, {result.dtype}, "
-          f"max logit difference {result.max_logit_diff:.2e} (tolerance {result.tolerance:g})")
+          f"max logit difference {result.max_logit_diff:.2e} ({result.relative_diff:.1e} relative, "
+          f"tolerance {result.tolerance:g})")
 
 
 def _cmd_serve(args, extra):

@@ -13,6 +13,8 @@ The server speaks the OpenAI API, so the ``openai`` SDK works too:
 from __future__ import annotations
 
 import json
+import random
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -34,9 +36,27 @@ class Answer:
 
 
 class ConchClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 120):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 120,
+                 max_retries: int = 2):
+        """``max_retries``: how often a 503 (server busy) or a failed connection is retried, after the
+        server's Retry-After (or 1 s, 2 s, …) plus jitter. 4xx errors are never retried."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.max_retries = max_retries
+
+    def _send(self, method: str, path: str, **kw) -> httpx.Response:
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.http.request(method, path, **kw)
+            except httpx.TransportError:
+                if attempt == self.max_retries:
+                    raise
+                response = None
+            if response is not None and (response.status_code != 503 or attempt == self.max_retries):
+                return self._check(response)
+            wait = float(response.headers.get("retry-after", 2 ** attempt)) if response is not None else 2 ** attempt
+            time.sleep(wait + random.uniform(0, 0.5))
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.http.close()
@@ -64,16 +84,16 @@ class ConchClient:
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
     def health(self) -> dict:
-        return self._check(self.http.get("/health")).json()
+        return self._send("GET", "/health").json()
 
     def generate(self, prompt: str, **params) -> dict:
         """The seeds' ``GET /generate?prompt=…`` endpoint: ``{"generated_text": …}``."""
-        return self._check(self.http.get("/generate", params={"prompt": prompt, **params})).json()
+        return self._send("GET", "/generate", params={"prompt": prompt, **params}).json()
 
     def chat(self, question: str | list[dict], system: str | None = None, **params) -> Answer:
         """One complete answer (``params``: temperature, top_p, max_tokens, stop)."""
         body = {"messages": self._messages(question, system), **params}
-        data = self._check(self.http.post("/v1/chat/completions", json=body)).json()
+        data = self._send("POST", "/v1/chat/completions", json=body).json()
         choice = data["choices"][0]
         return Answer(choice["message"]["content"], choice["message"].get("reasoning_content") or "",
                       choice["finish_reason"], data["usage"])

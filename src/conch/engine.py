@@ -77,6 +77,7 @@ class Engine:
         self._stop = threading.Event()
         self._cache = self._mask = self._lengths = self._next = None
         self.steps = 0
+        self.prefilling = 0
         self.worker = threading.Thread(target=self._loop, name="conch-engine", daemon=True)
         self.worker.start()
 
@@ -94,7 +95,8 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self.running)
+        """Requests being generated, including those whose prompt is being read right now."""
+        return len(self.running) + self.prefilling
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -132,11 +134,18 @@ class Engine:
     @torch.inference_mode()
     def _admit(self, new: list[Request]) -> None:
         """Prefill the new requests' prompts and join them to the running batch."""
-        from transformers import DynamicCache
-
         new = [r for r in new if not self._expired(r)]
         if not new:
             return
+        self.prefilling = len(new)
+        try:
+            self._prefill(new)
+        finally:
+            self.prefilling = 0
+
+    def _prefill(self, new: list[Request]) -> None:
+        from transformers import DynamicCache
+
         device = self.model.device
         width = max(len(r.prompt_ids) for r in new)
         ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
@@ -244,7 +253,7 @@ class Engine:
         if r.cancelled.is_set():
             return True
         if time.monotonic() - r.created > r.timeout_s:
-            r.send("error", f"the request took longer than its {r.timeout_s:g} s timeout")
+            r.send("error", f"the request took longer than its {r.timeout_s:g} s timeout.")
             r.cancel()
             return True
         return False

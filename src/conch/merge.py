@@ -20,9 +20,11 @@ from pathlib import Path
 
 from .errors import ConchError
 
-# the largest |logit difference| accepted between base+adapter and the reloaded merged model:
-# fp32 merges are exact up to rounding; bf16/fp16 round W + BA to 8/11 mantissa bits
-TOLERANCE = {"fp32": 1e-4, "fp16": 0.05, "bf16": 0.25}
+# the largest logit difference accepted between base+adapter and the reloaded merged model,
+# relative to the largest logit (|Δ| / max|logit|): fp32 merges are exact up to rounding
+# (the demo model, 30 layers: 8e-5 absolute on logits up to ~25, 3e-6 relative); bf16/fp16
+# round W + BA to 8/11 mantissa bits, and that rounding accumulates over the layers
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 CHECK_PROMPTS = ["你是谁？", "Who are you?", "美味蟹堡怎么做？", "What is the capital of France?"]
 
 
@@ -40,7 +42,8 @@ class MergeResult:
     output_dir: Path
     files: dict  # file name -> size in bytes
     size_bytes: int
-    max_logit_diff: float
+    max_logit_diff: float  # largest |logit difference| vs base+adapter
+    relative_diff: float  # the same, divided by the largest |logit|: what the tolerance applies to
     tolerance: float
     dtype: str
     seconds: float
@@ -104,10 +107,12 @@ def merge(cfg: MergeConfig) -> MergeResult:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=names[dtype_name]).to(device.device).eval()
         got = _logits(reloaded, tokenizer, CHECK_PROMPTS)
         diff = max((a - b).abs().max().item() for a, b in zip(expected, got))
+        scale = max(a.abs().max().item() for a in expected)
         tolerance = TOLERANCE[dtype_name]
-        if not diff <= tolerance:
-            raise ConchError(f"the merged model's logits differ from base+adapter by {diff:.3g} "
-                             f"(tolerance {tolerance:g} for {dtype_name}); nothing was written to {out}. "
+        if not diff / max(scale, 1.0) <= tolerance:
+            raise ConchError(f"the merged model's logits differ from base+adapter by {diff:.3g} on logits up to "
+                             f"{scale:.3g} (relative tolerance {tolerance:g} for {dtype_name}); nothing was "
+                             f"written to {out}. "
                              "Merge in fp32 (dtype=fp32) to check whether rounding is the cause.")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,4 +120,5 @@ def merge(cfg: MergeConfig) -> MergeResult:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-    return MergeResult(out, files, sum(files.values()), diff, tolerance, dtype_name, time.time() - started)
+    return MergeResult(out, files, sum(files.values()), diff, diff / max(scale, 1.0), tolerance, dtype_name,
+                       time.time() - started)

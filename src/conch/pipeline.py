@@ -84,8 +84,9 @@ def run(cfg: RunConfig) -> dict:
     _banner("4/5 merge and export")
     merged = merge.merge(merge.MergeConfig(base_model=str(resolved.path), adapter=str(result.output_dir),
                                            output_dir=cfg.merged_dir))
-    print(f"{merged.output_dir}: {merged.size_bytes / 2**20:,.0f} MiB ({merged.dtype}), max logit difference "
-          f"vs base+adapter {merged.max_logit_diff:.1e} (tolerance {merged.tolerance:g})")
+    print(f"{merged.output_dir}: {merged.size_bytes / 2**20:,.0f} MiB ({merged.dtype}), logits vs base+adapter "
+          f"differ by at most {merged.max_logit_diff:.1e} ({merged.relative_diff:.1e} relative, "
+          f"tolerance {merged.tolerance:g})")
 
     _banner("5/5 serve the merged model and call it over HTTP")
     served = serve_once(merged.output_dir, QUESTIONS[0])

@@ -20,8 +20,12 @@ Bad input is answered 4xx with one sentence; no response ever carries a stack tr
 # no `from __future__ import annotations` here: FastAPI reads the annotations of the endpoints
 # defined inside create_app, which strings would hide from it
 import asyncio
+import atexit
+import hmac
 import json
 import os
+import signal
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -70,8 +74,14 @@ class ThinkSplitter:
         self.in_think = prompt_opened_think
         self.started = False
         self.buffer = ""
+        self.trim = {"reasoning": _Trim(), "content": _Trim()}
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        """The next (reasoning, content) pieces, whitespace-trimmed at both ends like `split_reasoning`."""
+        reasoning, content = self._route(piece, final)
+        return self.trim["reasoning"].feed(reasoning, final), self.trim["content"].feed(content, final)
+
+    def _route(self, piece: str, final: bool) -> tuple[str, str]:
         from .chat import THINK_CLOSE, THINK_OPEN
 
         self.buffer += piece
@@ -100,6 +110,22 @@ class ThinkSplitter:
             self.buffer = self.buffer[len(self.buffer) - keep:]
             break
         return reasoning, content
+
+
+class _Trim:
+    """Drops leading whitespace and holds trailing whitespace back until more text follows."""
+
+    def __init__(self):
+        self.started, self.pending = False, ""
+
+    def feed(self, text: str, final: bool) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        text = self.pending + text
+        body = text.rstrip()
+        self.pending = "" if final else text[len(body):]
+        return body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +191,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {api_key}":
+        if not hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'.",
                            "authentication_error", {"WWW-Authenticate": "Bearer"})
 
@@ -212,7 +238,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
             raise APIError(400, "messages must contain at least one message with role 'user'.")
         if cfg.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-        max_tokens = max_tokens or cfg.default_max_tokens
+        max_tokens = max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
         if max_tokens > cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {cfg.max_tokens_limit}.")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -275,8 +301,8 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     @app.get("/health")
     async def health():
         """Liveness and load: the model, the device, requests waiting and running."""
-        return {"status": "ok", "model": cfg.served_model_name, "model_path": str(cfg.model),
-                "device": state["device"], "queue_depth": engine().queue_depth, "running": engine().active,
+        return {"status": "ok", "model": cfg.served_model_name, "device": state["device"],
+                "queue_depth": engine().queue_depth, "running": engine().active,
                 "uptime_s": round(time.time() - state["started"], 1)}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
@@ -362,6 +388,9 @@ def serve(cfg: ServeConfig) -> None:
     print(f"serving {cfg.model}" + (f" + {cfg.adapter}" if cfg.adapter else "") +
           f" as '{cfg.served_model_name}' on http://{cfg.host}:{cfg.port} (docs: /docs, chat page: /)"
           + ("; API key required" if (cfg.api_key or os.environ.get("CONCH_API_KEY")) else ""), flush=True)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the handler it
+    # found installed: make that handler a clean exit, so `kill` / Ctrl-C end with exit code 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
 
 
@@ -383,6 +412,8 @@ class BackgroundServer:
 
     @property
     def url(self) -> str:
+        if self.port is None:
+            raise ConchError("the server has no port yet; call start() first (or use it in a `with` block).")
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "BackgroundServer":
@@ -398,9 +429,12 @@ class BackgroundServer:
                 self.port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "conch", "serve", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), *self.args]
+        if self.log:
+            Path(self.log).parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log, "w") if self.log else subprocess.DEVNULL
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        atexit.register(self.stop)  # a notebook kernel that dies must not leave the server behind
         deadline = time.time() + self.timeout
         while True:
             if self.process.poll() is not None:
