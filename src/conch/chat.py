@@ -145,7 +145,8 @@ def generate(model, tokenizer, prompts: list[str | Messages] | str | Messages,
     for i, row in enumerate(new_tokens.tolist()):
         ended = next((j for j, t in enumerate(row) if t in eos), None)
         ids = row[:ended] if ended is not None else [t for t in row if t != tokenizer.pad_token_id]
-        text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), gen.stop)
+        # a cut at max_new_tokens can end inside a multi-byte character: drop the half character
+        text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd"), gen.stop)
         reasoning, answer = split_reasoning(text, prompt_opens_think(texts[i]))
         finish = "stop" if ended is not None or stopped or len(ids) < gen.max_new_tokens else "length"
         replies.append(Reply(text, reasoning, answer, int(enc["attention_mask"][i].sum()), len(ids), finish))
