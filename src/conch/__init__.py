@@ -5,3 +5,9 @@ hub (resolve/download the base model) -> data (render + mask records) -> train (
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# peft asks transformers for `is_gradient_checkpointing`, which transformers 5 renamed: a warning
+# about library internals that a learner can do nothing about
+_warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
