@@ -44,7 +44,7 @@ def main():
 
     base, tokenizer = hub.load_model(hub.resolve(args.base_model).path)
     gen = chat.GenConfig(max_new_tokens=args.max_new_tokens, temperature=0)
-    print(f"\n| after epoch | identity answers | general questions kept | forgotten |\n|---|---|---|---|")
+    print("\n| after epoch | identity answers | general questions kept | forgotten |\n|---|---|---|---|")
     checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for epoch, checkpoint in enumerate(checkpoints, 1):
         model = PeftModel.from_pretrained(base, checkpoint).eval()

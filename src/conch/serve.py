@@ -141,7 +141,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from . import chat, hub
+    from . import chat
     from .engine import Engine, QueueFull
     from .engine import Request as EngineRequest
 
