@@ -16,7 +16,8 @@ KEY = "krabby-patty-secret"
 
 @pytest.fixture(scope="module")
 def demo_server(demo_path):
-    with running_server(demo_path, "--max_batch_size", "16", "--max_tokens_limit", "256") as url:
+    with running_server(demo_path, "--max_batch_size", "16", "--max_tokens_limit", "256",
+                        "--cors_origins", "http://localhost:5173") as url:
         yield url
 
 
@@ -234,3 +235,11 @@ def test_client_retries_a_busy_server(r1_server):
 
     with ThreadPoolExecutor(4) as pool:
         assert all(reason in ("stop", "length") for reason in pool.map(ask, range(4)))
+
+
+def test_cors_allows_only_the_configured_origins(demo_server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = httpx.options(demo_server + "/v1/chat/completions", headers={"Origin": "http://localhost:5173", **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
+    other = httpx.options(demo_server + "/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers

@@ -182,8 +182,9 @@ def _progress_callback(output_dir: Path, mode: str):
             self.history.append(entry)
             with open(output_dir / "trainer_log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
-            status = (f"step {state.global_step}/{state.max_steps} ({entry['percentage']:.0f}%) · "
-                      f"{entry['elapsed_time']} elapsed · ETA {entry['remaining_time']}")
+            filled = int(20 * state.global_step / max(state.max_steps, 1))
+            status = (f"{'█' * filled}{'░' * (20 - filled)} step {state.global_step}/{state.max_steps} "
+                      f"({entry['percentage']:.0f}%) · {entry['elapsed_time']} elapsed · ETA {entry['remaining_time']}")
             if mode == "live":
                 self._draw(status)
             elif mode == "lines":
