@@ -138,4 +138,6 @@ def test_shipped_config_loads():
     from conch.config import load_config
 
     cfg = load_config(train.TrainConfig, "configs/magic_conch_lora.yaml")
-    assert cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and cfg.packing
+    assert cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and not cfg.packing
+    cpu = load_config(train.TrainConfig, ["configs/magic_conch_lora.yaml", "configs/magic_conch_lora_cpu.yaml"])
+    assert cpu.base_model == "demo" and cpu.packing and cpu.eval_dataset == "magic_conch_eval"
