@@ -227,7 +227,9 @@ def ensure_demo(target: Path | None = None) -> Path:
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # three per-tensor bars in a row would bury the one line that matters
     gguf = demo_gguf_path()
     print(f"converting the demo model once: {gguf.name} -> {target} ...")
     started = time.time()
