@@ -112,8 +112,8 @@ def test_two_processes_with_accelerate(tiny_trainable, small_data, tmp_path):
            "-m", "conch", "train", "--config", "configs/magic_conch_lora.yaml",
            "--base_model", str(tiny_trainable), "--dataset", "small", "--dataset_dir", str(small_data),
            "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
-           "--cutoff_len", "256", "--val_size", "0", "--save_steps", "6", "--logging_steps", "2",
-           "--learning_rate", "3e-3"]
+           "--cutoff_len", "256", "--val_size", "0", "--eval_dataset", "none", "--save_steps", "6",
+           "--logging_steps", "2", "--learning_rate", "3e-3"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                             env={**__import__("os").environ, "CONCH_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
