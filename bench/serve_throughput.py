@@ -177,7 +177,7 @@ def free_port() -> int:
 
 
 def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
+    from conch.serve import wait_until_healthy
 
     port = free_port()
     if server == "conch":
@@ -193,19 +193,14 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
         env["CONCH_THREADS"] = str(args.threads)
     log = open(Path(args.work_dir) / f"{server}_server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + args.startup_s
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{server} server exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise SystemExit(f"{server} server did not start in {args.startup_s:.0f} s; see {log.name}")
-        time.sleep(0.5)
+    url = f"http://127.0.0.1:{port}"
+    status = wait_until_healthy(url, proc, args.startup_s)
+    if status == "exited":
+        raise SystemExit(f"{server} server exited with {proc.returncode}; see {log.name}")
+    if status == "timeout":
+        proc.kill()
+        raise SystemExit(f"{server} server did not start in {args.startup_s:.0f} s; see {log.name}")
+    return proc, url
 
 
 # ---------------------------------------------------------------------------------------------

@@ -394,6 +394,24 @@ def serve(cfg: ServeConfig) -> None:
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
 
 
+def wait_until_healthy(url: str, process, timeout_s: float) -> str:
+    """Poll ``url/health`` until it answers 200 ("ready"), the process ends ("exited") or time runs out ("timeout")."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        if process.poll() is not None:
+            return "exited"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return "ready"
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            return "timeout"
+        time.sleep(0.3)
+
+
 class BackgroundServer:
     """``python -m conch serve`` in a child process on a free local port (notebooks, make run, tests).
 
@@ -421,8 +439,6 @@ class BackgroundServer:
         import subprocess
         import sys
 
-        import httpx
-
         if self.port is None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -435,21 +451,15 @@ class BackgroundServer:
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         atexit.register(self.stop)  # a notebook kernel that dies must not leave the server behind
-        deadline = time.time() + self.timeout
-        while True:
-            if self.process.poll() is not None:
-                detail = Path(self.log).read_text()[-2000:] if self.log else "(pass log=... to keep its output)"
-                raise ConchError(f"the server exited with code {self.process.returncode} before it was ready: "
-                                 f"{detail.strip().splitlines()[-1] if detail.strip() else 'no output'}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise ConchError(f"the server did not answer /health within {self.timeout:g} s.")
-            time.sleep(0.3)
+        status = wait_until_healthy(self.url, self.process, self.timeout)
+        if status == "exited":
+            detail = Path(self.log).read_text()[-2000:] if self.log else "(pass log=... to keep its output)"
+            raise ConchError(f"the server exited with code {self.process.returncode} before it was ready: "
+                             f"{detail.strip().splitlines()[-1] if detail.strip() else 'no output'}")
+        if status == "timeout":
+            self.stop()
+            raise ConchError(f"the server did not answer /health within {self.timeout:g} s.")
+        return self
 
     def stop(self) -> int | None:
         import subprocess
