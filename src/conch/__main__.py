@@ -1,7 +1,7 @@
 """The command line: ``python -m conch <stage> [--key value ...]``.
 
-Stages: ``run`` (the whole pipeline), ``download``, ``chat``, ``train``, ``eval``, ``merge``,
-``serve``. Every stage reads its
+Stages: ``run`` (the whole pipeline), ``download``, ``chat``, ``train``, ``dpo``, ``eval``,
+``merge``, ``serve``. Every stage reads its
 config dataclass from ``--config file.yaml`` and takes any of its fields as ``--key value``.
 A mistake the user can fix ends in one sentence on stderr and exit code 2.
 """
@@ -49,7 +49,14 @@ def _cmd_train(args, extra):
     from .config import load_config, parse_cli_overrides
     from .train import TrainConfig, train
 
-    train(load_config(TrainConfig, args.config, parse_cli_overrides(extra)))
+    train(load_config(TrainConfig, args.config or ["configs/magic_conch_lora.yaml"], parse_cli_overrides(extra)))
+
+
+def _cmd_dpo(args, extra):
+    from .config import load_config, parse_cli_overrides
+    from .dpo import DpoConfig, dpo
+
+    dpo(load_config(DpoConfig, args.config or ["configs/magic_conch_dpo.yaml"], parse_cli_overrides(extra)))
 
 
 def _cmd_eval(args, extra):
@@ -102,8 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("train", help="LoRA fine-tuning; any TrainConfig field as --key value")
-    p.add_argument("--config", default="configs/magic_conch_lora.yaml")
+    p.add_argument("--config", action="append", default=None, help="YAML file(s); later ones override "
+                   "earlier ones (default: configs/magic_conch_lora.yaml)")
     p.set_defaults(func=_cmd_train, extra_ok=True)
+
+    p = sub.add_parser("dpo", help="preference tuning (DPO) on the merged SFT model; any DpoConfig field")
+    p.add_argument("--config", action="append", default=None, help="YAML file(s); later ones override "
+                   "earlier ones (default: configs/magic_conch_dpo.yaml; on CPU add configs/magic_conch_dpo_cpu.yaml)")
+    p.set_defaults(func=_cmd_dpo, extra_ok=True)
 
     p = sub.add_parser("eval", help="base vs fine-tuned on the held-out set; any EvalConfig field as --key value")
     p.add_argument("--config", default=None)

@@ -164,6 +164,44 @@ def _sharegpt_messages(row, i, file, entry) -> list[dict]:
     return messages
 
 
+@dataclass
+class Pair:
+    """One preference record: the conversation up to the question, a preferred and a rejected answer."""
+
+    messages: list[dict]
+    chosen: str
+    rejected: str
+
+
+def load_pairs(name: str, dataset_dir: str | Path = "data", max_samples: int | None = None) -> list[Pair]:
+    """Read and validate a preference dataset in LLaMA-Factory's ranking format (alpaca style):
+    ``prompt`` (or ``instruction``), optional ``input`` and ``system``, ``chosen``, ``rejected``."""
+    file, entry = find_dataset(name, dataset_dir)
+    if entry and not entry.get("ranking"):
+        raise ConchError(f"dataset '{name}' is not a preference dataset: its dataset_info.json entry needs "
+                         '"ranking": true and chosen/rejected columns.')
+    rows = _read_json(file)
+    if not isinstance(rows, list) or not rows:
+        raise ConchError(f"{file} must hold a non-empty JSON list of preference records.")
+    first = rows[0] if isinstance(rows[0], dict) else {}
+    cols = {"prompt": "prompt" if "prompt" in first else "instruction", "query": "input", "chosen": "chosen",
+            "rejected": "rejected", "system": "system", **entry.get("columns", {})}
+    pairs = []
+    for i, row in enumerate(rows[:max_samples] if max_samples else rows):
+        prompt = _field(row, cols["prompt"], i, file, required=True)
+        query = _field(row, cols["query"], i, file, required=False)
+        chosen = _field(row, cols["chosen"], i, file, required=True)
+        rejected = _field(row, cols["rejected"], i, file, required=True)
+        system = _field(row, cols["system"], i, file, required=False)
+        if chosen.strip() == rejected.strip():
+            raise ConchError(f"{file} record {i}: 'chosen' and 'rejected' are the same text; a preference "
+                             "needs two different answers.")
+        user = f"{prompt}\n{query}" if query.strip() else prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        pairs.append(Pair(messages, chosen, rejected))
+    return pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # rendering and masking
 

@@ -145,8 +145,13 @@ def read_log(output_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _progress_callback(output_dir: Path, mode: str):
+def _progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, ...] = ()):
+    """``plot(history, title, fig)`` draws the live figure (default: the loss); ``keys`` are extra
+    logged values kept in trainer_log.jsonl and printed (DPO's rewards/accuracies, …)."""
     from transformers import TrainerCallback
+
+    plot = plot or (lambda history, title, fig: plot_loss(
+        history, title=title, ax=fig.axes[0] if fig.axes else fig.add_subplot()))
 
     class Progress(TrainerCallback):
         """Writes trainer_log.jsonl and shows progress: a live plot in Jupyter, lines otherwise."""
@@ -155,6 +160,7 @@ def _progress_callback(output_dir: Path, mode: str):
             self.started = time.time()
             self.history: list[dict] = []
             self.handle = self.fig = None
+            self.last_logs: dict = {}
 
         def on_train_begin(self, args, state, control, **kw):
             self.started = time.time()
@@ -166,6 +172,7 @@ def _progress_callback(output_dir: Path, mode: str):
                 log.write_text("".join(json.dumps(h) + "\n" for h in self.history))
 
         def on_log(self, args, state, control, logs=None, **kw):
+            self.last_logs = dict(logs or {})
             if not state.is_world_process_zero or not logs:
                 return
             elapsed = time.time() - self.started
@@ -176,7 +183,8 @@ def _progress_callback(output_dir: Path, mode: str):
                      "lr": logs.get("learning_rate"), "epoch": round(state.epoch or 0, 2),
                      "grad_norm": logs.get("grad_norm"),
                      "percentage": round(100 * state.global_step / max(state.max_steps, 1), 1),
-                     "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining)}
+                     "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining),
+                     **{k: logs[k] for k in keys if logs.get(k) is not None}}
             if entry["loss"] is None and entry["eval_loss"] is None:
                 return  # the final train summary: reported by train() itself
             self.history.append(entry)
@@ -191,7 +199,7 @@ def _progress_callback(output_dir: Path, mode: str):
                 parts = [f"loss {entry['loss']:.4f}" if entry["loss"] is not None else "",
                          f"eval_loss {entry['eval_loss']:.4f}" if entry["eval_loss"] is not None else "",
                          f"lr {entry['lr']:.2e}" if entry["lr"] is not None else "",
-                         f"epoch {entry['epoch']:.2f}"]
+                         f"epoch {entry['epoch']:.2f}"] + [f"{k} {entry[k]:.3f}" for k in keys if k in entry]
                 print(f"{status} | " + "  ".join(p for p in parts if p), flush=True)
 
         def _draw(self, status):
@@ -199,11 +207,10 @@ def _progress_callback(output_dir: Path, mode: str):
             from IPython.display import display
 
             if self.fig is None:
-                self.fig = plt.figure(figsize=(7, 3.6))
+                self.fig = plt.figure(figsize=(10, 3.6) if keys else (7, 3.6))
                 plt.close(self.fig)  # shown through the display handle only
                 self.handle = display(self.fig, display_id=True)
-            ax = self.fig.axes[0] if self.fig.axes else self.fig.add_subplot()
-            plot_loss(self.history, title=status, ax=ax)
+            plot(self.history, status, self.fig)
             self.handle.update(self.fig)
 
     return Progress()
@@ -248,18 +255,24 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def add_lora(model, cfg: TrainConfig):
-    """Wrap a model with LoRA adapters on ``cfg.lora_target``; only they are trained."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(model, cfg: TrainConfig):
+    """The peft LoraConfig for ``cfg`` (its lora_* fields), checked against the model's module names."""
+    from peft import LoraConfig
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in cfg.lora_target if t not in names]
     if missing:
         raise ConchError(f"lora_target {missing} are not module names of this model; "
                          f"choose among {', '.join(sorted(n for n in names if n.endswith('proj')))}.")
-    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+    return LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target))
-    return get_peft_model(model, lora)
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap a model with LoRA adapters on ``cfg.lora_target``; only they are trained."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, cfg))
 
 
 def collator(tokenizer, packing: bool):
@@ -274,9 +287,13 @@ def collator(tokenizer, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-def training_arguments(cfg: TrainConfig, compute_type: str, device: str, evaluate: bool, **overrides):
-    """The Trainer settings `train()` uses for ``cfg`` (bench/ reuses them); ``overrides`` win."""
+def training_arguments(cfg: TrainConfig, compute_type: str, device: str, evaluate: bool, args_class=None,
+                       **overrides):
+    """The Trainer settings `train()` uses for ``cfg`` (bench/ and `conch.dpo` reuse them, the latter
+    with ``args_class=trl.DPOConfig``); ``overrides`` win."""
     from transformers import TrainingArguments
+
+    args_class = args_class or TrainingArguments
 
     values = dict(
         output_dir=str(cfg.output_dir), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
@@ -296,7 +313,7 @@ def training_arguments(cfg: TrainConfig, compute_type: str, device: str, evaluat
     if "activation_checkpointing" not in TrainingArguments.__dataclass_fields__:  # transformers before the rename
         values["gradient_checkpointing"] = values.pop("activation_checkpointing")
         values["gradient_checkpointing_kwargs"] = values.pop("activation_checkpointing_kwargs")
-    return TrainingArguments(**{**values, **overrides})
+    return args_class(**{**values, **overrides})
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
