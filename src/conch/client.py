@@ -33,6 +33,7 @@ class Answer:
     reasoning: str
     finish_reason: str
     usage: dict
+    sources: list[dict] | None = None  # RAG mode: the passages the answer was based on
 
 
 class ConchClient:
@@ -91,12 +92,12 @@ class ConchClient:
         return self._send("GET", "/generate", params={"prompt": prompt, **params}).json()
 
     def chat(self, question: str | list[dict], system: str | None = None, **params) -> Answer:
-        """One complete answer (``params``: temperature, top_p, max_tokens, stop)."""
+        """One complete answer (``params``: temperature, top_p, max_tokens, stop, rag)."""
         body = {"messages": self._messages(question, system), **params}
         data = self._send("POST", "/v1/chat/completions", json=body).json()
         choice = data["choices"][0]
         return Answer(choice["message"]["content"], choice["message"].get("reasoning_content") or "",
-                      choice["finish_reason"], data["usage"])
+                      choice["finish_reason"], data["usage"], data.get("sources"))
 
     def ask(self, question: str | list[dict], **params) -> str:
         return self.chat(question, **params).content

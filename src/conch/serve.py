@@ -11,6 +11,13 @@
 - ``GET /v1/models``, ``GET /health`` (model, device, queue depth), ``/docs``;
 - ``GET /``: a chat page (plain HTML/JS) that streams answers and folds the reasoning away.
 
+RAG mode (``--rag_dir data/knowledge``, see `conch.rag`): before generating, the server retrieves
+passages for the last user message from that folder's files and puts them in front of the question;
+the answer then carries a top-level ``sources`` list (file, heading, chunk_id, score, text snippet)
+beside the usual fields; a streamed answer carries it in its first chunk. A request can switch
+retrieval off with ``"rag": false`` (``rag=false`` on ``/generate``), or on with ``true`` where the
+server has a knowledge folder. The index follows edits to the files without a restart.
+
 All requests go to one `Engine` (continuous batching). A full queue answers 503 with
 Retry-After; a client that disconnects stops its generation; every request has a timeout.
 With ``api_key`` set (or ``CONCH_API_KEY``), the API needs ``Authorization: Bearer <key>``.
@@ -55,6 +62,8 @@ class ServeConfig:
     max_tokens_limit: int = 2048
     default_max_tokens: int = 512
     system_prompt: str | None = None  # added when a request has no system message
+    rag_dir: str | None = None  # a knowledge folder (e.g. data/knowledge): retrieve before answering
+    rag_top_k: int = 3  # passages retrieved per question in RAG mode
 
 
 class APIError(Exception):
@@ -132,8 +141,11 @@ class _Trim:
 # the app
 
 
-def create_app(cfg: ServeConfig, model=None, tokenizer=None):
-    """The FastAPI app; loads the model at startup unless ``model`` and ``tokenizer`` are given."""
+def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
+    """The FastAPI app; loads the model at startup unless ``model`` and ``tokenizer`` are given.
+
+    ``knowledge``: a ready `conch.rag.KnowledgeBase`; by default one is built from ``cfg.rag_dir``.
+    """
     from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.cors import CORSMiddleware
@@ -150,6 +162,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
 
     @asynccontextmanager
     async def lifespan(app):
+        state["knowledge"] = knowledge if knowledge is not None else open_knowledge(cfg)
         m, t = model, tokenizer
         if m is None:
             m, t = chat.load(cfg.model, cfg.adapter)
@@ -220,13 +233,34 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
         stream_options: StreamOptions | None = None
         n: int = Field(1, ge=1, le=1)
         seed: int | None = None
+        rag: bool | None = Field(None, description="retrieve from the knowledge folder first; "
+                                                    "default: on where the server has one (--rag_dir)")
 
     # -- helpers -------------------------------------------------------------------------------
 
     def engine() -> Engine:
         return state["engine"]
 
-    def prepare(messages: list[dict], max_tokens, temperature, top_p, stop) -> tuple[EngineRequest, bool]:
+    def retrieve(messages: list[dict], rag: bool | None) -> tuple[list[dict], list[dict] | None]:
+        """RAG mode: the messages with passages before the last question, and their sources (None: no RAG)."""
+        from .rag import with_context
+
+        kb = state["knowledge"]
+        if rag is None:
+            rag = kb is not None
+        if not rag:
+            return messages, None
+        if kb is None:
+            raise APIError(400, "this server has no knowledge folder; start it with --rag_dir data/knowledge "
+                                "to use rag, or leave 'rag' out.")
+        try:
+            messages, passages = with_context(messages, kb)
+        except ConchError as e:  # e.g. the folder was emptied after startup
+            raise APIError(500, str(e), "server_error") from None
+        return messages, [p.source() for p in passages]
+
+    def prepare(messages: list[dict], max_tokens, temperature, top_p, stop,
+                rag: bool | None = None) -> tuple[EngineRequest, bool, list[dict] | None]:
         tok = state["tokenizer"]
         if len(messages) > cfg.max_messages:
             raise APIError(400, f"too many messages: {len(messages)}; the limit is {cfg.max_messages}.")
@@ -236,6 +270,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
                                 "shorten it or drop earlier messages.")
         if not any(m["role"] == "user" for m in messages):
             raise APIError(400, "messages must contain at least one message with role 'user'.")
+        messages, sources = retrieve(messages, rag)
         if cfg.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": cfg.system_prompt}] + messages
         max_tokens = max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
@@ -249,7 +284,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         request = EngineRequest(ids, max_tokens=max_tokens, temperature=sampling["temperature"] or 0.0,
                                 top_p=sampling.get("top_p") or 1.0, stop=stops, timeout_s=cfg.request_timeout_s)
-        return request, chat.prompt_opens_think(prompt)
+        return request, chat.prompt_opens_think(prompt), sources
 
     def submit(request: EngineRequest) -> EngineRequest:
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
@@ -300,10 +335,13 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
 
     @app.get("/health")
     async def health():
-        """Liveness and load: the model, the device, requests waiting and running."""
-        return {"status": "ok", "model": cfg.served_model_name, "device": state["device"],
+        """Liveness and load: the model, the device, requests waiting and running (and the knowledge folder)."""
+        body = {"status": "ok", "model": cfg.served_model_name, "device": state["device"],
                 "queue_depth": engine().queue_depth, "running": engine().active,
                 "uptime_s": round(time.time() - state["started"], 1)}
+        if state["knowledge"] is not None:
+            body["knowledge"] = state["knowledge"].summary()
+        return body
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
@@ -313,18 +351,23 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     @app.get("/generate", dependencies=[Depends(check_key)])
     async def generate(http: Request, prompt: str = Query(min_length=1, description="the user's question"),
                        max_new_tokens: int | None = Query(None, ge=1),
-                       temperature: float | None = Query(None, ge=0, le=2)):
+                       temperature: float | None = Query(None, ge=0, le=2),
+                       rag: bool | None = Query(None, description="retrieve first (default: on with --rag_dir)")):
         """The seeds' endpoint, done right: chat template, only the answer, reasoning split off."""
-        req, opened = prepare([{"role": "user", "content": prompt}], max_new_tokens, temperature, None, None)
+        req, opened, sources = prepare([{"role": "user", "content": prompt}], max_new_tokens, temperature,
+                                       None, None, rag)
         text = await complete(submit(req), http)
         reasoning, answer = chat.split_reasoning(text, opened)
-        return {"generated_text": answer, "reasoning": reasoning, "finish_reason": req.finish_reason,
+        body = {"generated_text": answer, "reasoning": reasoning, "finish_reason": req.finish_reason,
                 "usage": usage(req)}
+        if sources is not None:
+            body["sources"] = sources
+        return body
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatRequest, http: Request):
-        req, opened = prepare(as_messages(body), body.max_completion_tokens or body.max_tokens, body.temperature,
-                              body.top_p, body.stop)
+        req, opened, sources = prepare(as_messages(body), body.max_completion_tokens or body.max_tokens,
+                                       body.temperature, body.top_p, body.stop, body.rag)
         if body.seed is not None and req.temperature > 0:
             engine().generator.manual_seed(body.seed)
         submit(req)
@@ -335,20 +378,24 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
             message = {"role": "assistant", "content": answer}
             if reasoning:
                 message["reasoning_content"] = reasoning
-            return {"id": cid, "object": "chat.completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": req.finish_reason}],
-                    "usage": usage(req)}
+            reply = {"id": cid, "object": "chat.completion", "created": created, "model": name,
+                     "choices": [{"index": 0, "message": message, "finish_reason": req.finish_reason}],
+                     "usage": usage(req)}
+            if sources is not None:
+                reply["sources"] = sources
+            return reply
 
-        def chunk(delta: dict, finish=None) -> str:
+        def chunk(delta: dict, finish=None, **extra) -> str:
             return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                           "model": name, "choices": [{"index": 0, "delta": delta,
-                                                                      "finish_reason": finish}]},
+                                                                      "finish_reason": finish}], **extra},
                                          ensure_ascii=False) + "\n\n"
 
         async def events():
             splitter = ThinkSplitter(opened)
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                # RAG mode: the sources come first, so a page can show them while the answer streams
+                yield chunk({"role": "assistant", "content": ""}, **({} if sources is None else {"sources": sources}))
                 while True:
                     kind, value = await next_event(req, http)
                     if kind == "gone":
@@ -378,6 +425,15 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     return app
 
 
+def open_knowledge(cfg: ServeConfig):
+    """The knowledge base for RAG mode, or None without ``rag_dir``; a bad folder is a `ConchError`."""
+    if not cfg.rag_dir:
+        return None
+    from .rag import KnowledgeBase, RagConfig
+
+    return KnowledgeBase(RagConfig(knowledge_dir=cfg.rag_dir, top_k=cfg.rag_top_k))
+
+
 def serve(cfg: ServeConfig) -> None:
     """Load the model and serve until interrupted (Ctrl-C)."""
     import uvicorn
@@ -385,13 +441,15 @@ def serve(cfg: ServeConfig) -> None:
     if not (Path(cfg.model).is_dir() or cfg.model in ("auto", "demo") or cfg.model.count("/") == 1):
         raise ConchError(f"model {cfg.model} does not exist; merge first (python -m conch merge) or pass "
                          "--model demo / a base model with --adapter.")
+    knowledge = open_knowledge(cfg)  # a missing or empty folder stops here, in one sentence
     print(f"serving {cfg.model}" + (f" + {cfg.adapter}" if cfg.adapter else "") +
           f" as '{cfg.served_model_name}' on http://{cfg.host}:{cfg.port} (docs: /docs, chat page: /)"
-          + ("; API key required" if (cfg.api_key or os.environ.get("CONCH_API_KEY")) else ""), flush=True)
+          + ("; API key required" if (cfg.api_key or os.environ.get("CONCH_API_KEY")) else "")
+          + (f"; RAG over {knowledge.summary()['files']} files in {cfg.rag_dir}" if knowledge else ""), flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the handler it
     # found installed: make that handler a clean exit, so `kill` / Ctrl-C end with exit code 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    uvicorn.run(create_app(cfg, knowledge=knowledge), host=cfg.host, port=cfg.port, log_level="info")
 
 
 def wait_until_healthy(url: str, process, timeout_s: float) -> str:

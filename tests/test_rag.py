@@ -1,0 +1,318 @@
+"""RAG: chunking, the BM25 index and its rebuild on edits, the prompt, bad folders, and RAG mode in the server."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conch import rag
+from conch.errors import ConchError
+
+from .server import running_server
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROMOTIONS = """# 本周优惠
+
+有效期：2025-06-02 至 2025-06-08。
+
+## 本周特价：「海藻圈买二送一」
+
+这周的特价是「海藻圈买二送一」，3.00 贝壳币三份海藻圈。
+
+## 周二买一送一
+
+周二美味蟹堡买一送一。
+"""
+
+MANUAL = """# 汉堡机手册
+
+## 报错 E-03：烤板温度过低
+
+打开燃气阀，预热 10 分钟到 180°C。
+
+## 报错 E-07：传送带卡住
+
+按紧急停止，清理传送带，按复位键。
+
+```
+# not a heading: inside a code block
+```
+"""
+
+
+@pytest.fixture
+def kb_dir(tmp_path):
+    folder = tmp_path / "knowledge"
+    folder.mkdir()
+    (folder / "promotions.md").write_text(PROMOTIONS, encoding="utf-8")
+    (folder / "manual.md").write_text(MANUAL, encoding="utf-8")
+    (folder / "hours.txt").write_text("营业时间\n\n每天 9:00 开门，21:00 关门。\nOpen 9 AM to 9 PM.\n", encoding="utf-8")
+    (folder / "notes.pdf").write_bytes(b"%PDF not indexed")
+    return folder
+
+
+def one_sentence(message: str) -> bool:
+    return message.endswith(".") and "\n" not in message and "Traceback" not in message
+
+
+# -- tokens and chunks ---------------------------------------------------------------------------
+
+
+def test_tokens_chinese_words_english_and_error_codes():
+    tokens = rag.tokenize("汉堡机报错 E-03 怎么办？What's this week's special?")
+    assert "e-03" in tokens and "报错" in tokens and "汉堡" in tokens
+    assert "怎么办" not in tokens and "what" not in tokens  # question words carry nothing
+    assert "week" in tokens and "special" in tokens
+    assert rag.tokenize("e03")[0] == rag.tokenize("E 03")[0] == "e-03"
+    assert rag.tokenize("？！。") == []
+
+
+def test_markdown_sections_become_passages(kb_dir):
+    passages = rag.chunk_file(kb_dir / "manual.md", kb_dir)
+    assert [p.heading for p in passages] == ["报错 E-03：烤板温度过低", "报错 E-07：传送带卡住"]
+    assert [p.chunk_id for p in passages] == ["manual.md#0", "manual.md#1"]
+    assert passages[1].text.startswith("按紧急停止") and "# not a heading" in passages[1].text
+    assert all(p.title == "汉堡机手册" for p in passages)
+    txt = rag.chunk_file(kb_dir / "hours.txt", kb_dir)
+    assert len(txt) == 1 and txt[0].heading == "营业时间" and "21:00" in txt[0].text
+
+
+def test_a_long_section_is_split_at_paragraphs(tmp_path):
+    paragraphs = [f"第{i}段：" + "蟹堡" * 40 + "。" for i in range(5)]
+    (tmp_path / "long.md").write_text("## 长\n\n" + "\n\n".join(paragraphs), encoding="utf-8")
+    passages = rag.chunk_file(tmp_path / "long.md", tmp_path, chunk_chars=100)
+    assert len(passages) == 5 and all(len(p.text) <= 100 for p in passages)
+    assert all(p.heading == "长" for p in passages)
+
+
+# -- the index -------------------------------------------------------------------------------------
+
+
+def test_search_finds_the_right_passage_with_scores(kb_dir):
+    kb = rag.KnowledgeBase(rag.RagConfig(knowledge_dir=str(kb_dir), top_k=2))
+    assert kb.files == ["hours.txt", "manual.md", "promotions.md"]  # the .pdf is not read
+    found = kb.search("汉堡机报错 E-03 怎么办？")
+    assert len(found) <= 2 and found[0].heading.startswith("报错 E-03")
+    assert found[0].score > 0 and all(a.score >= b.score for a, b in zip(found, found[1:]))
+    assert kb.search("这周的特价是什么？", k=1)[0].chunk_id == "promotions.md#1"
+    assert kb.search("When do you open?")[0].file == "hours.txt"
+    assert kb.search("量子物理") == []  # no word in common: nothing, rather than noise
+
+
+def test_context_drops_passages_far_below_the_best(kb_dir):
+    loose = rag.KnowledgeBase(rag.RagConfig(knowledge_dir=str(kb_dir), top_k=3, min_relative_score=0))
+    strict = rag.KnowledgeBase(rag.RagConfig(knowledge_dir=str(kb_dir), top_k=3, min_relative_score=0.99))
+    question = "报错 E-07 传送带"
+    assert len(loose.context(question)) > 1
+    assert [p.chunk_id for p in strict.context(question)] == [loose.context(question)[0].chunk_id]
+
+
+def test_editing_adding_and_removing_files_rebuilds_the_index(kb_dir):
+    kb = rag.KnowledgeBase(str(kb_dir))
+    first = kb.fingerprint
+    assert kb.builds == 1 and kb.refresh() is False and kb.builds == 1  # nothing changed: no rebuild
+    assert "海藻圈" in kb.search("这周的特价是什么？")[0].text
+
+    promotions = kb_dir / "promotions.md"
+    promotions.write_text(PROMOTIONS.replace("「海藻圈买二送一」，3.00 贝壳币三份海藻圈", "「海浪汽水买一送一」，1.00 贝壳币两杯"),
+                          encoding="utf-8")
+    top = kb.search("这周的特价是什么？")[0]  # search notices the edit by itself
+    assert kb.builds == 2 and kb.fingerprint != first
+    assert "海浪汽水" in top.text and "海藻圈" not in top.text
+
+    (kb_dir / "faq.md").write_text("## 外卖\n\n我们不送外卖，只有堂食和外带。\n", encoding="utf-8")
+    assert kb.search("送外卖吗")[0].file == "faq.md" and kb.builds == 3
+    (kb_dir / "faq.md").unlink()
+    assert kb.refresh() is True and "faq.md" not in kb.files and kb.builds == 4
+    assert all(p.file != "faq.md" for p in kb.search("送外卖吗"))
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: d, "has no .md or .txt files"),
+    (lambda d: (d / "a.pdf").write_bytes(b"x") and d, "has no .md or .txt files"),
+    (lambda d: (d / "a.md").write_text("\n\n# \n", encoding="utf-8") and d, "hold no text"),
+    (lambda d: (d / "a.txt").write_bytes("价格".encode("gbk")) and d, "is not UTF-8"),
+])
+def test_a_bad_knowledge_folder_is_one_sentence(tmp_path, setup, words):
+    folder = setup(tmp_path)
+    with pytest.raises(ConchError) as e:
+        rag.KnowledgeBase(str(folder))
+    assert words in str(e.value) and one_sentence(str(e.value))
+
+
+def test_a_folder_emptied_later_is_one_sentence_too(kb_dir):
+    kb = rag.KnowledgeBase(str(kb_dir))
+    for path in kb_dir.iterdir():
+        path.unlink()
+    with pytest.raises(ConchError, match="has no .md or .txt files"):
+        kb.search("特价")
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5])
+def test_k_must_be_a_positive_whole_number(kb_dir, k):
+    kb = rag.KnowledgeBase(str(kb_dir))
+    with pytest.raises(ConchError, match="at least 1") as e:
+        kb.search("特价", k=k)
+    assert one_sentence(str(e.value))
+    with pytest.raises(ConchError, match="top_k"):
+        rag.KnowledgeBase(rag.RagConfig(knowledge_dir=str(kb_dir), top_k=0))
+
+
+# -- the prompt ------------------------------------------------------------------------------------
+
+
+def test_the_prompt_puts_the_passages_before_the_question(kb_dir):
+    kb = rag.KnowledgeBase(str(kb_dir))
+    passages = kb.search("这周的特价是什么？")
+    prompt = rag.build_prompt("这周的特价是什么？", passages)
+    assert prompt.index("海藻圈买二送一") < prompt.index("问题：这周的特价是什么？")
+    assert rag.NOT_FOUND_ZH in prompt and prompt.startswith("资料：\n[1] ")
+    english = rag.build_prompt("What is on special?", passages)
+    assert english.startswith("Documents:\n[1] ") and rag.NOT_FOUND_EN in english
+    assert english.rstrip().endswith("Question: What is on special?")
+    assert "没有找到相关资料" in rag.build_prompt("量子物理？", [])
+    many = [rag.Passage("a.md", "h", f"a.md#{i}", "蟹" * 100) for i in range(10)]
+    assert rag.build_prompt("蟹？", many, max_context_chars=250).count("[") == 2  # the context is capped
+
+
+def test_with_context_rewrites_only_the_last_question(kb_dir):
+    kb = rag.KnowledgeBase(str(kb_dir))
+    messages = [{"role": "system", "content": "你是神奇海螺。"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "汉堡机报错 E-07"}]
+    out, passages = rag.with_context(messages, kb)
+    assert out[:3] == messages[:3] and len(out) == 4
+    assert passages[0].heading.startswith("报错 E-07") and out[3]["content"].endswith("问题：汉堡机报错 E-07")
+    with pytest.raises(ConchError):
+        rag.with_context([{"role": "system", "content": "x"}], kb)
+
+
+# -- retrieval quality -----------------------------------------------------------------------------
+
+
+def test_hit_rate_counts_the_expected_passage_in_the_top_k(kb_dir):
+    kb = rag.KnowledgeBase(str(kb_dir))
+    cases = [{"question": "这周的特价是什么？", "file": "promotions.md", "heading": "本周特价"},
+             {"question": "传送带卡住了", "file": "manual.md", "heading": "E-07"},
+             {"question": "传送带卡住了", "file": "manual.md", "heading": "E-03"}]  # the wrong passage
+    rate, rows = rag.hit_rate(kb, cases, k=1)
+    assert rate == pytest.approx(2 / 3) and [r["rank"] for r in rows] == [1, 1, None]
+    with pytest.raises(ConchError):
+        rag.hit_rate(kb, [], k=3)
+
+
+def test_the_shipped_knowledge_base_finds_its_answers():
+    kb = rag.KnowledgeBase(str(REPO / "data/knowledge"))
+    cases = rag.load_eval(REPO / "data/knowledge_eval.json")
+    rate, rows = rag.hit_rate(kb, cases, k=3)
+    assert len(cases) >= 15 and rate >= 0.9, [r for r in rows if r["rank"] is None]
+
+
+# -- with a model ----------------------------------------------------------------------------------
+
+
+def test_ask_puts_the_passages_into_what_the_model_reads(tiny_r1, kb_dir):
+    from conch import chat
+
+    model, tokenizer = chat.load(tiny_r1)
+    kb = rag.KnowledgeBase(str(kb_dir))
+    gen = chat.GenConfig(max_new_tokens=4, temperature=0)
+    with_rag = rag.ask(model, tokenizer, "这周的特价是什么？", kb, gen)
+    alone = rag.ask(model, tokenizer, "这周的特价是什么？", None, gen)
+    assert with_rag.passages[0].chunk_id == "promotions.md#1" and "3.00 贝壳币" in with_rag.prompt
+    assert alone.passages == [] and alone.prompt == "这周的特价是什么？"
+    assert isinstance(with_rag.answer, str)
+
+
+# -- the server in RAG mode ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rag_server(tiny_r1, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served") / "knowledge"
+    folder.mkdir()
+    (folder / "promotions.md").write_text(PROMOTIONS, encoding="utf-8")
+    (folder / "manual.md").write_text(MANUAL, encoding="utf-8")
+    with running_server(tiny_r1, "--rag_dir", str(folder), "--max_tokens_limit", "8") as url:
+        yield url, folder
+
+
+def ask_chat(url, content, **extra):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0, **extra}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def test_served_answers_carry_their_sources(rag_server):
+    url, _ = rag_server
+    r = ask_chat(url, "汉堡机报错 E-03 怎么办？")
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage", "sources"}
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["usage"]["completion_tokens"] <= 4
+    top = body["sources"][0]
+    assert set(top) == {"file", "heading", "chunk_id", "score", "text"}
+    assert top["file"] == "manual.md" and top["heading"].startswith("报错 E-03") and top["score"] > 0
+    plain = ask_chat(url, "汉堡机报错 E-03 怎么办？", rag=False).json()
+    assert "sources" not in plain  # rag off: the usual shape, and a shorter prompt without passages
+    assert plain["usage"]["prompt_tokens"] < body["usage"]["prompt_tokens"]
+
+    generated = httpx.get(url + "/generate", params={"prompt": "这周的特价是什么？", "max_new_tokens": 4},
+                          timeout=60).json()
+    assert {"generated_text", "reasoning", "finish_reason", "usage"} < set(generated)
+    assert generated["sources"][0]["chunk_id"] == "promotions.md#1"
+    health = httpx.get(url + "/health").json()
+    assert health["knowledge"]["files"] == 2 and health["status"] == "ok"
+
+
+def test_a_streamed_answer_sends_the_sources_first(rag_server):
+    url, _ = rag_server
+    body = {"messages": [{"role": "user", "content": "传送带卡住了"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[0]["sources"][0]["heading"].startswith("报错 E-07")
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("sources" not in e for e in events[1:]) and events[-1]["choices"][0]["finish_reason"]
+
+
+def test_the_server_follows_edits_without_a_restart(rag_server):
+    url, folder = rag_server
+    promotions = folder / "promotions.md"
+    original = promotions.read_text(encoding="utf-8")
+    try:
+        promotions.write_text(original.replace("海藻圈买二送一", "珊瑚脆脆半价"), encoding="utf-8")
+        top = ask_chat(url, "这周的特价是什么？").json()["sources"][0]
+        assert "珊瑚脆脆半价" in top["text"] and "海藻圈买二送一" not in top["text"]
+        for path in folder.iterdir():
+            path.rename(path.with_suffix(".bak"))
+        r = ask_chat(url, "这周的特价是什么？")
+        assert r.status_code == 500 and "has no .md or .txt files" in r.json()["error"]["message"]
+        assert one_sentence(r.json()["error"]["message"])
+    finally:
+        for path in folder.iterdir():
+            path.rename(path.with_suffix(".md"))
+        promotions.write_text(original, encoding="utf-8")
+    assert "海藻圈买二送一" in ask_chat(url, "这周的特价是什么？").json()["sources"][0]["text"]
+
+
+def test_rag_on_a_server_without_knowledge_is_a_400(tiny_r1):
+    with running_server(tiny_r1, "--max_tokens_limit", "4") as url:
+        r = ask_chat(url, "这周的特价是什么？", rag=True)
+        assert r.status_code == 400 and "--rag_dir" in r.json()["error"]["message"]
+        assert one_sentence(r.json()["error"]["message"])
+        assert "sources" not in ask_chat(url, "这周的特价是什么？").json()  # default: off
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: d / "missing", "does not exist"),
+    (lambda d: d, "has no .md or .txt files"),
+])
+def test_serving_a_bad_knowledge_folder_exits_2_in_one_line(tiny_r1, tmp_path, make, words):
+    result = subprocess.run([sys.executable, "-m", "conch", "serve", "--model", str(tiny_r1),
+                             "--rag_dir", str(make(tmp_path)), "--port", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and words in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
