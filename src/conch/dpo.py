@@ -13,6 +13,10 @@ How it is set up here (TRL's ``DPOTrainer``):
   i.e. exactly the SFT model, at no extra memory. (Continuing the SFT adapter instead would need a
   second frozen copy of it as reference, TRL's "ref" adapter, and ``disable_adapter()`` would give
   the raw base rather than the SFT model, so the before/after comparison would be muddled.)
+- The loss is DPO's plus ``sft_weight`` x the SFT loss of the chosen answers (the RPO recipe,
+  LLaMA-Factory's ``pref_ftx``). Pure DPO can be won by making the rejected answers unlikely
+  while the chosen ones hardly gain: on the demo model it reached reward accuracy 1.0 with not
+  one held-out answer changing style. The SFT term makes the chosen style what the model writes.
 - The reference log-probabilities are computed once before training
   (``precompute_ref_log_probs``), which saves one forward pass per step.
 - Prompts are rendered with the model's own chat template exactly as at inference
@@ -87,7 +91,6 @@ class DpoConfig:
     # bookkeeping
     seed: int = 42
     logging_steps: int = 2
-    eval_steps: int = 50  # unused: the reward accuracy is measured on all pairs at the end
     save_steps: int = 50
     save_total_limit: int = 2
     resume_from_checkpoint: str | None = None  # None | auto | a checkpoint folder
@@ -315,11 +318,8 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     progress = _progress_callback(output_dir, mode, plot=lambda h, title, fig: plot_dpo(h, title=title, fig=fig),
                                   keys=LOGGED_KEYS)
     with _quiet_datasets():
-        # the training pairs are also the eval set for the final reward accuracy (eval_strategy is "no"):
-        # prepared once, and their reference log-probs found in the cache of the training set's
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, eval_dataset=pairs,
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[progress] + list(callbacks or []))
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[progress] + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     main = trainer.is_world_process_zero()
@@ -337,6 +337,8 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     seconds = time.time() - started
     metrics = dict(result.metrics)
     # the reward accuracy over *all* training pairs with the final adapter (the logged one is per batch)
+    # the training pairs, already tokenized (with their precomputed reference log-probs), as the eval set
+    trainer.eval_dataset = trainer.train_dataset
     with _quiet_datasets():
         final = trainer.evaluate()
     logged = progress.last_logs  # TRL logs the reward metrics of evaluate() rather than returning them

@@ -305,7 +305,7 @@ def training_arguments(cfg: TrainConfig, compute_type: str, device: str, evaluat
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps,
+        eval_strategy="steps" if evaluate else "no", eval_steps=getattr(cfg, "eval_steps", None),
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         seed=cfg.seed, report_to="none", remove_unused_columns=False, disable_tqdm=True,
         dataloader_num_workers=0, ddp_find_unused_parameters=False,
