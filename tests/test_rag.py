@@ -316,3 +316,16 @@ def test_serving_a_bad_knowledge_folder_exits_2_in_one_line(tiny_r1, tmp_path, m
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and words in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"question": "q", "file": "a.md"', "not valid JSON"),
+    ('{"question": "q"}', "must hold a JSON list"),
+    ('["q"]', "is not an object"),
+    ('[{"question": "q", "file": "a.md"}]', "lacks heading"),
+])
+def test_bad_eval_files_are_one_sentence(tmp_path, text, message):
+    path = tmp_path / "eval.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConchError, match=message):
+        rag.load_eval(path)

@@ -284,31 +284,23 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     from trl import DPOConfig, DPOTrainer
 
     from . import hub
-    from .train import (_dtype_flags, _progress_callback, _save_adapter_atomically, _yaml, in_notebook,
-                        last_checkpoint, lora_config, memory_report, read_log, training_arguments, _clock)
+    from .train import (_clock, _progress_callback, _save_adapter_atomically, _yaml, lora_config, memory_report,
+                        plot_mode, read_log, resume_point, training_arguments, training_device)
 
-    if cfg.plot not in ("auto", "live", "lines", "off"):
-        raise ConchError(f"plot must be auto, live, lines or off, got '{cfg.plot}'.")
+    mode = plot_mode(cfg.plot)
     if cfg.beta <= 0:
         raise ConchError(f"beta must be positive (0.1 is the usual value), got {cfg.beta}.")
     _check_base(cfg.base_model)
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
-    resume = last_checkpoint(output_dir) if cfg.resume_from_checkpoint == "auto" else cfg.resume_from_checkpoint
-    if resume is not None and not (Path(resume) / "trainer_state.json").exists():
-        raise ConchError(f"resume_from_checkpoint={resume} is not a complete checkpoint folder; "
-                         "use auto or a checkpoint-N folder under output_dir.")
+    resume = resume_point(cfg.resume_from_checkpoint, output_dir)
 
-    resolved = hub.resolve(cfg.base_model)
-    device = hub.pick_device()
-    compute_type, dtype = _dtype_flags(cfg.compute_type, device)
-    device = hub.Device(device.device, dtype, device.why)
+    resolved, device, compute_type = training_device(cfg.base_model, cfg.compute_type)
     model, tokenizer = hub.load_model(resolved.path, device, for_training=True)
     model.config.use_cache = False
     peft_config = lora_config(model, cfg)
     pairs = preference_dataset(tokenizer, cfg)  # every record checked before the first step
 
-    mode = cfg.plot if cfg.plot != "auto" else ("live" if in_notebook() else "lines")
     output_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(
         cfg, compute_type, device.device, evaluate=False, args_class=DPOConfig, beta=cfg.beta,

@@ -27,7 +27,6 @@ Chinese; for the few dozen passages of one restaurant, BM25 over words finds the
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -328,8 +327,14 @@ def load_eval(path: str | Path = "data/knowledge_eval.json") -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise ConchError(f"retrieval eval file {path} does not exist; data/knowledge_eval.json is the example.")
-    cases = json.loads(path.read_text(encoding="utf-8"))
+    from .data import _read_json  # one sentence for malformed JSON, with line and column
+
+    cases = _read_json(path)
+    if not isinstance(cases, list):
+        raise ConchError(f"{path} must hold a JSON list of {{\"question\", \"file\", \"heading\"}} objects.")
     for i, case in enumerate(cases):
+        if not isinstance(case, dict):
+            raise ConchError(f"{path}: record {i} is not an object; each needs question, file and heading.")
         missing = {"question", "file", "heading"} - set(case)
         if missing:
             raise ConchError(f"{path}: record {i} lacks {', '.join(sorted(missing))}; "

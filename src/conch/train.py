@@ -248,6 +248,32 @@ def _dtype_flags(compute_type: str, device):
     return compute_type, dtype
 
 
+def plot_mode(plot: str) -> str:
+    """``plot`` checked, and ``auto`` resolved: live in Jupyter, lines elsewhere."""
+    if plot not in ("auto", "live", "lines", "off"):
+        raise ConchError(f"plot must be auto, live, lines or off, got '{plot}'.")
+    return plot if plot != "auto" else ("live" if in_notebook() else "lines")
+
+
+def resume_point(setting: str | None, output_dir: Path) -> Path | str | None:
+    """The checkpoint to resume from: None, ``auto`` (the newest complete one) or a folder, checked."""
+    resume = last_checkpoint(output_dir) if setting == "auto" else setting
+    if resume is not None and not (Path(resume) / "trainer_state.json").exists():
+        raise ConchError(f"resume_from_checkpoint={resume} is not a complete checkpoint folder; "
+                         "use auto or a checkpoint-N folder under output_dir.")
+    return resume
+
+
+def training_device(base_model: str, compute_type: str):
+    """(the resolved base model, the device with the training dtype, the compute type's name)."""
+    from . import hub
+
+    resolved = hub.resolve(base_model)
+    device = hub.pick_device()
+    compute_type, dtype = _dtype_flags(compute_type, device)
+    return resolved, hub.Device(device.device, dtype, device.why), compute_type
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest *complete* checkpoint (one whose trainer_state.json was written)."""
     folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
@@ -322,22 +348,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     from . import data, hub
 
-    if cfg.plot not in ("auto", "live", "lines", "off"):
-        raise ConchError(f"plot must be auto, live, lines or off, got '{cfg.plot}'.")
+    mode = plot_mode(cfg.plot)
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
-    resume = cfg.resume_from_checkpoint
-    if resume == "auto":
-        resume = last_checkpoint(output_dir)
-    elif resume is not None and not (Path(resume) / "trainer_state.json").exists():
-        raise ConchError(f"resume_from_checkpoint={resume} is not a complete checkpoint folder; "
-                         "use auto or a checkpoint-N folder under output_dir.")
+    resume = resume_point(cfg.resume_from_checkpoint, output_dir)
 
     # model
-    resolved = hub.resolve(cfg.base_model)
-    device = hub.pick_device()
-    compute_type, dtype = _dtype_flags(cfg.compute_type, device)
-    device = hub.Device(device.device, dtype, device.why)
+    resolved, device, compute_type = training_device(cfg.base_model, cfg.compute_type)
     mem_before = memory_report(device.device)
     model, tokenizer = hub.load_model(resolved.path, device, for_training=True)
     model.config.use_cache = False  # required for correct packed attention, useless in training
@@ -354,7 +371,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         train_ex, val_ex = data.split_train_val(examples, cfg.val_size, cfg.seed)
     as_ds = lambda exs: [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]  # noqa: E731
 
-    mode = cfg.plot if cfg.plot != "auto" else ("live" if in_notebook() else "lines")
     output_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
     progress = _progress_callback(output_dir, mode)
