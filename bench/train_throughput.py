@@ -200,7 +200,7 @@ def run_one(run: Run) -> Result:
                             max_steps=args.steps, per_device_train_batch_size=run.batch_size,
                             gradient_accumulation_steps=run.grad_accum, packing=run.packing,
                             gradient_checkpointing=run.checkpointing, logging_steps=1, seed=args.seed, val_size=0)
-    compute_type, _ = train._dtype_flags(cfg.compute_type, device)
+    compute_type, _ = train.dtype_flags(cfg.compute_type, device)
     model.config.use_cache = False  # as train() does: needed for correct packed attention
     model = train.add_lora(model, cfg)
     trainable, total = model.get_nb_trainable_parameters()

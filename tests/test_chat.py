@@ -70,8 +70,8 @@ def test_stop_strings_cut_the_answer(demo):
 
 def test_sampling_defaults_come_from_the_model(tiny_r1):
     model, _ = hub.load_model(tiny_r1)
-    assert chat._sampling(model, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
-    assert chat._sampling(model, chat.GenConfig(temperature=0))["do_sample"] is False
+    assert chat.sampling_kwargs(model, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    assert chat.sampling_kwargs(model, chat.GenConfig(temperature=0))["do_sample"] is False
 
 
 def test_bad_max_new_tokens(tiny_r1):

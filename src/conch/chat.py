@@ -89,7 +89,7 @@ def prompt_opens_think(prompt: str) -> bool:
     return prompt.rstrip().endswith(THINK_OPEN)
 
 
-def _sampling(model, gen: GenConfig) -> dict:
+def sampling_kwargs(model, gen: GenConfig) -> dict:
     """generate() kwargs: the model's own defaults unless the caller overrides them."""
     defaults = model.generation_config
     temperature = gen.temperature if gen.temperature is not None else (
@@ -104,7 +104,7 @@ def _generate_kwargs(model, tokenizer, gen: GenConfig) -> dict:
     if gen.max_new_tokens < 1:
         raise ConchError(f"max_new_tokens must be at least 1, got {gen.max_new_tokens}.")
     kwargs = dict(max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
-                  pad_token_id=tokenizer.pad_token_id, **_sampling(model, gen))
+                  pad_token_id=tokenizer.pad_token_id, **sampling_kwargs(model, gen))
     if gen.stop:
         kwargs.update(stop_strings=list(gen.stop), tokenizer=tokenizer)
     if gen.seed is not None:
@@ -140,7 +140,7 @@ def generate(model, tokenizer, prompts: list[str | Messages] | str | Messages,
     with torch.inference_mode():
         out = model.generate(**enc, **_generate_kwargs(model, tokenizer, gen))
     new_tokens = out[:, enc["input_ids"].shape[1]:]
-    eos = set(_eos_ids(model, tokenizer))
+    eos = set(eos_ids(model, tokenizer))
     replies = []
     for i, row in enumerate(new_tokens.tolist()):
         ended = next((j for j, t in enumerate(row) if t in eos), None)
@@ -153,7 +153,7 @@ def generate(model, tokenizer, prompts: list[str | Messages] | str | Messages,
     return replies[0] if single else replies
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])

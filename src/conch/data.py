@@ -60,7 +60,7 @@ def find_dataset(name: str, dataset_dir: str | Path = "data") -> tuple[Path, dic
     if not info_path.exists():
         raise ConchError(f"dataset '{name}' is not a .json/.jsonl file and {info_path} does not exist; "
                          "give a path or set dataset_dir to the folder that holds dataset_info.json.")
-    info = _read_json(info_path)
+    info = read_json(info_path)
     if name not in info:
         raise ConchError(f"dataset '{name}' is not registered in {info_path}; known: {', '.join(sorted(info))}.")
     entry = info[name]
@@ -72,7 +72,7 @@ def find_dataset(name: str, dataset_dir: str | Path = "data") -> tuple[Path, dic
     return file, entry
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".jsonl":
@@ -87,7 +87,7 @@ def _read_json(path: Path):
 def load_records(name: str, dataset_dir: str | Path = "data", max_samples: int | None = None) -> list[list[dict]]:
     """Read and validate a dataset; each record becomes a list of chat messages ending in the answer."""
     file, entry = find_dataset(name, dataset_dir)
-    rows = _read_json(file)
+    rows = read_json(file)
     if isinstance(rows, dict):
         rows = [rows]
     if not isinstance(rows, list) or not rows:
@@ -102,7 +102,7 @@ def load_records(name: str, dataset_dir: str | Path = "data", max_samples: int |
     return [convert(row, i, file, entry) for i, row in enumerate(rows)]
 
 
-def _field(row: dict, key: str, i: int, file: Path, required: bool) -> str:
+def field_value(row: dict, key: str, i: int, file: Path, required: bool) -> str:
     where = f"{file} record {i}"
     if not isinstance(row, dict):
         raise ConchError(f"{where} is a {type(row).__name__}, not an object with fields; fix that record.")
@@ -120,10 +120,10 @@ def _field(row: dict, key: str, i: int, file: Path, required: bool) -> str:
 
 def _alpaca_messages(row, i, file, entry) -> list[dict]:
     cols = {**ALPACA_COLUMNS, **entry.get("columns", {})}
-    instruction = _field(row, cols["prompt"], i, file, required=True)
-    query = _field(row, cols["query"], i, file, required=False)
-    answer = _field(row, cols["response"], i, file, required=True)
-    system = _field(row, cols["system"], i, file, required=False)
+    instruction = field_value(row, cols["prompt"], i, file, required=True)
+    query = field_value(row, cols["query"], i, file, required=False)
+    answer = field_value(row, cols["response"], i, file, required=True)
+    system = field_value(row, cols["system"], i, file, required=False)
     messages = [{"role": "system", "content": system}] if system else []
     history = row.get(cols["history"]) or []
     if not isinstance(history, list) or not all(
@@ -180,7 +180,7 @@ def load_pairs(name: str, dataset_dir: str | Path = "data", max_samples: int | N
     if entry and not entry.get("ranking"):
         raise ConchError(f"dataset '{name}' is not a preference dataset: its dataset_info.json entry needs "
                          '"ranking": true and chosen/rejected columns.')
-    rows = _read_json(file)
+    rows = read_json(file)
     if not isinstance(rows, list) or not rows:
         raise ConchError(f"{file} must hold a non-empty JSON list of preference records.")
     first = rows[0] if isinstance(rows[0], dict) else {}
@@ -188,11 +188,11 @@ def load_pairs(name: str, dataset_dir: str | Path = "data", max_samples: int | N
             "rejected": "rejected", "system": "system", **entry.get("columns", {})}
     pairs = []
     for i, row in enumerate(rows[:max_samples] if max_samples else rows):
-        prompt = _field(row, cols["prompt"], i, file, required=True)
-        query = _field(row, cols["query"], i, file, required=False)
-        chosen = _field(row, cols["chosen"], i, file, required=True)
-        rejected = _field(row, cols["rejected"], i, file, required=True)
-        system = _field(row, cols["system"], i, file, required=False)
+        prompt = field_value(row, cols["prompt"], i, file, required=True)
+        query = field_value(row, cols["query"], i, file, required=False)
+        chosen = field_value(row, cols["chosen"], i, file, required=True)
+        rejected = field_value(row, cols["rejected"], i, file, required=True)
+        system = field_value(row, cols["system"], i, file, required=False)
         if chosen.strip() == rejected.strip():
             raise ConchError(f"{file} record {i}: 'chosen' and 'rejected' are the same text; a preference "
                              "needs two different answers.")

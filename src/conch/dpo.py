@@ -143,16 +143,16 @@ def style_score(answers: list[str]) -> StyleScore:
 
 def load_heldout(path: str | Path) -> list[dict]:
     """Held-out prompts: a JSON list of {"prompt": ..., "category": ...}."""
-    from .data import _field, _read_json
+    from .data import field_value, read_json
 
     path = Path(path)
     if not path.exists():
         raise ConchError(f"held-out prompt file {path} does not exist; set heldout to a JSON list of "
                          '{"prompt": ...} objects.')
-    rows = _read_json(path)
+    rows = read_json(path)
     if not isinstance(rows, list) or not rows:
         raise ConchError(f"{path} must hold a non-empty JSON list of {{\"prompt\": ...}} objects.")
-    return [{"prompt": _field(r, "prompt", i, path, required=True), "category": r.get("category", "")}
+    return [{"prompt": field_value(r, "prompt", i, path, required=True), "category": r.get("category", "")}
             for i, r in enumerate(rows)]
 
 
@@ -167,12 +167,12 @@ def compare_style(model, tokenizer, prompts: list[str], max_new_tokens: int = 96
                   categories: list[str] | None = None) -> StyleReport:
     """Greedy answers with the DPO adapter off (the SFT model) and on, and their style scores."""
     from . import chat
-    from .evaluate import _answers
+    from .evaluate import answers_for
 
     gen = chat.GenConfig(max_new_tokens=max_new_tokens, temperature=0)
     with model.disable_adapter():
-        before = _answers(model, tokenizer, prompts, gen, batch_size)
-    after = _answers(model, tokenizer, prompts, gen, batch_size)
+        before = answers_for(model, tokenizer, prompts, gen, batch_size)
+    after = answers_for(model, tokenizer, prompts, gen, batch_size)
     categories = categories or [""] * len(prompts)
     rows = [{"prompt": p, "category": c, "before": b, "after": a}
             for p, c, b, a in zip(prompts, categories, before, after)]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .chat import _eos_ids
+from .chat import eos_ids
 
 
 class QueueFull(Exception):
@@ -67,7 +67,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64, seed: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.eos = set(_eos_ids(model, tokenizer))
+        self.eos = set(eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos))
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []

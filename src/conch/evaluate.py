@@ -146,7 +146,7 @@ def answer_loss(model, tokenizer, examples, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
-def _answers(model, tokenizer, questions, gen, batch_size):
+def answers_for(model, tokenizer, questions, gen, batch_size):
     from . import chat
 
     replies = []
@@ -181,7 +181,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> Report:
         raise ConchError("evaluate needs the base model with its LoRA adapter on top; pass adapter=<folder>.")
     file, _ = data.find_dataset(cfg.eval_dataset, cfg.dataset_dir)
     records = data.load_records(cfg.eval_dataset, cfg.dataset_dir)
-    raw = data._read_json(file)
+    raw = data.read_json(file)
     rows = [{"question": m[-2]["content"], "category": (r.get("category") if isinstance(r, dict) else None) or "",
              "reference": m[-1]["content"]} for m, r in zip(records, raw)]
     questions = [m[:-1] for m in records]
@@ -194,12 +194,12 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> Report:
     for name in ("base", "tuned"):
         if name == "base":
             with model.disable_adapter():
-                answers = _answers(model, tokenizer, questions, gen, cfg.batch_size)
-                general_answers = _answers(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
+                answers = answers_for(model, tokenizer, questions, gen, cfg.batch_size)
+                general_answers = answers_for(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
                 loss = answer_loss(model, tokenizer, examples, cfg.batch_size)
         else:
-            answers = _answers(model, tokenizer, questions, gen, cfg.batch_size)
-            general_answers = _answers(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
+            answers = answers_for(model, tokenizer, questions, gen, cfg.batch_size)
+            general_answers = answers_for(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
             loss = answer_loss(model, tokenizer, examples, cfg.batch_size)
         results[name] = (answers, general_answers, _scores(answers, rows, general_answers, general, loss))
 

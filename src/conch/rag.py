@@ -327,9 +327,9 @@ def load_eval(path: str | Path = "data/knowledge_eval.json") -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise ConchError(f"retrieval eval file {path} does not exist; data/knowledge_eval.json is the example.")
-    from .data import _read_json  # one sentence for malformed JSON, with line and column
+    from .data import read_json  # one sentence for malformed JSON, with line and column
 
-    cases = _read_json(path)
+    cases = read_json(path)
     if not isinstance(cases, list):
         raise ConchError(f"{path} must hold a JSON list of {{\"question\", \"file\", \"heading\"}} objects.")
     for i, case in enumerate(cases):

@@ -279,7 +279,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop must be up to 4 non-empty strings.")
-        sampling = chat._sampling(state["model"], chat.GenConfig(temperature=temperature, top_p=top_p))
+        sampling = chat.sampling_kwargs(state["model"], chat.GenConfig(temperature=temperature, top_p=top_p))
         prompt = chat.render_prompt(tok, messages)
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         request = EngineRequest(ids, max_tokens=max_tokens, temperature=sampling["temperature"] or 0.0,

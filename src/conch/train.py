@@ -235,7 +235,7 @@ def memory_report(device: str) -> dict:
 # the recipe
 
 
-def _dtype_flags(compute_type: str, device):
+def dtype_flags(compute_type: str, device):
     import torch
 
     if compute_type == "auto":
@@ -270,7 +270,7 @@ def training_device(base_model: str, compute_type: str):
 
     resolved = hub.resolve(base_model)
     device = hub.pick_device()
-    compute_type, dtype = _dtype_flags(compute_type, device)
+    compute_type, dtype = dtype_flags(compute_type, device)
     return resolved, hub.Device(device.device, dtype, device.why), compute_type
 
 
