@@ -31,7 +31,10 @@ def demo(demo_path):
 
 
 @pytest.fixture(autouse=True)
-def _no_model_env(monkeypatch):
-    """Tests choose their model explicitly; a developer's CONCH_* settings must not leak in."""
-    for name in ("CONCH_BASE_MODEL", "CONCH_MODEL_SOURCE"):
+def _no_model_env(monkeypatch, tmp_path):
+    """Tests choose their model explicitly; a developer's CONCH_* settings, settings file and
+    AutoDL data disk must not leak in (nor a test's settings into the checkout)."""
+    for name in ("CONCH_BASE_MODEL", "CONCH_MODEL_SOURCE", "CONCH_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CONCH_SETTINGS", str(tmp_path / "conch_settings.yaml"))
+    monkeypatch.setenv("CONCH_DATA_DISK", str(tmp_path / "no-data-disk"))

@@ -56,3 +56,14 @@ def test_later_files_override_earlier_ones(tmp_path):
     base.write_text("epochs: 5\nname: gpu\n")
     overlay.write_text("name: cpu\n")
     assert load_config(Cfg, [base, overlay]) == Cfg(epochs=5, name="cpu")
+
+
+def test_dict_overrides_keep_lists_and_none():
+    cfg = load_config(Cfg, None, {"targets": ["q_proj", "k_proj"], "limit": None, "epochs": 4, "bf16": True})
+    assert cfg.targets == ["q_proj", "k_proj"] and cfg.limit is None and cfg.epochs == 4 and cfg.bf16 is True
+    assert load_config(Cfg, None, {"targets": "q_proj,v_proj"}).targets == ["q_proj", "v_proj"]
+
+
+def test_a_list_for_a_single_value_is_one_sentence():
+    with pytest.raises(ConchError, match=r"'name' must be str, got \['a', 'b'\]"):
+        load_config(Cfg, None, {"name": ["a", "b"]})

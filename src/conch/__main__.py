@@ -1,6 +1,6 @@
 """The command line: ``python -m conch <stage> [--key value ...]``.
 
-Stages: ``run`` (the whole pipeline), ``download``, ``chat``, ``train``, ``dpo``, ``eval``,
+Stages: ``run`` (the whole pipeline), ``download``, ``settings``, ``chat``, ``train``, ``dpo``, ``eval``,
 ``merge``, ``serve``. Every stage reads its
 config dataclass from ``--config file.yaml`` and takes any of its fields as ``--key value``.
 A mistake the user can fix ends in one sentence on stderr and exit code 2.
@@ -23,10 +23,17 @@ def _cmd_run(args, extra):
 
 
 def _cmd_download(args, extra):
-    from . import hub
+    from . import hub, settings
 
-    resolved = hub.resolve(args.model, source=args.source, cache_dir=args.cache_dir)
+    resolved = hub.fetch(args.model, source=args.source, cache_dir=args.cache_dir)
     print(resolved)
+    print(f"settings ({settings.settings_path()}; every notebook and command reads them):\n{settings.load()}")
+
+
+def _cmd_settings(args, extra):
+    from . import settings
+
+    print(settings.load())
 
 
 def _cmd_chat(args, extra):
@@ -93,11 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML with RunConfig fields")
     p.set_defaults(func=_cmd_run, extra_ok=True)
 
-    p = sub.add_parser("download", help="resolve/download a base model and print its local folder")
+    p = sub.add_parser("download", help="download the base model once and save the choice in conch_settings.yaml")
     p.add_argument("--model", default=None, help="auto | demo | hub id | local folder (default: auto)")
-    p.add_argument("--source", default=None, help="huggingface (default) | modelscope")
-    p.add_argument("--cache-dir", default=None, help="where downloads go (default: $HF_HOME)")
+    p.add_argument("--source", default=None, help="huggingface | mirror (hf-mirror.com) | modelscope "
+                   "(default: the saved one; mirror on AutoDL, huggingface elsewhere)")
+    p.add_argument("--cache-dir", default=None, help="where downloads go (default: the saved one; "
+                   "/root/autodl-tmp/model-cache on AutoDL, the library's ~/.cache elsewhere)")
     p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("settings", help="show the model source, cache folder and downloaded models, and where each comes from")
+    p.set_defaults(func=_cmd_settings)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --question)")
     p.add_argument("--model", default="auto", help="auto | demo | hub id | local or merged folder")

