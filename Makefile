@@ -49,12 +49,17 @@ browser:
 	fi
 
 $(PY):
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: python3 is" \
+		"$$(python3 -V 2>&1); conch needs Python 3.10 or newer: pick an image (AutoDL: a PyTorch row) with it." >&2; exit 1; }
 	python3 -m venv --system-site-packages $(VENV)
 
 $(STAMP): $(PY) requirements.txt pyproject.toml
 	@# torch first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+		$(PY) -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 6))" || \
+		{ echo "error: this torch is older than 2.6, which transformers 5 needs: pick an image with PyTorch 2.6 or" \
+		"newer, or run .venv/bin/pip install 'torch>=2.6' and make again." >&2; exit 1; }; \
 	else \
 		$(PIP) install $(TORCH_CPU); \
 	fi

@@ -93,5 +93,5 @@ def test_a_broken_settings_file_is_one_sentence(text, message):
 
 def test_an_unknown_source_in_the_environment_names_it(monkeypatch):
     monkeypatch.setenv("CONCH_MODEL_SOURCE", "ollama")
-    with pytest.raises(ConchError, match=r"'ollama' \(CONCH_MODEL_SOURCE\) is unknown"):
+    with pytest.raises(ConchError, match=r"'ollama' \(from CONCH_MODEL_SOURCE\) is unknown"):
         settings.load()

@@ -160,6 +160,7 @@ def resolve(base_model: str | None = None, source: str | None = None, cache_dir:
         if learner.base_model:
             name = learner.base_model
             why = f"base_model=auto and {learner.origin['base_model']} sets base_model={name}"
+            print(f"base_model=auto: {name} (set in {learner.origin['base_model']})")
         elif torch.cuda.is_available():
             name, why = TARGET_MODEL, "base_model=auto and a CUDA GPU is available, so the tutorial's target model"
         else:
@@ -194,7 +195,7 @@ def fetch(base_model: str | None = "auto", source: str | None = None, cache_dir:
     (or ``auto``) keep the saved ones.
     """
     if source not in (None, "auto"):
-        settings.check_source(source, "source")
+        settings.check_source(source, "the argument")
     resolved = resolve(base_model, source=source, cache_dir=cache_dir, revision=revision)
     chosen = None if base_model in (None, "auto") else (
         str(resolved.path) if Path(str(base_model)).expanduser().is_dir() else base_model)
@@ -222,7 +223,7 @@ def download(repo_id: str, source: str = "huggingface", cache_dir: str | None = 
     ``<cache_dir>/models--org--name/snapshots/<hash>/`` (default cache: ``$HF_HOME/hub``).
     ``modelscope``: ``pip install modelscope`` first; files in ``<cache_dir>/org/name``.
     """
-    settings.check_source(source, "source")
+    settings.check_source(source, "the argument")
     if source != "modelscope":
         endpoint = endpoint or os.environ.get("HF_ENDPOINT") or (settings.MIRROR if source == "mirror" else None)
     weights = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]

@@ -101,7 +101,7 @@ def read_file(path: Path | None = None) -> dict:
 
 def check_source(source: str, where: str) -> str:
     if source not in SOURCES:
-        raise ConchError(f"model source '{source}' ({where}) is unknown; use one of {', '.join(SOURCES)}.")
+        raise ConchError(f"model source '{source}' (from {where}) is unknown; use one of {', '.join(SOURCES)}.")
     return source
 
 
@@ -117,7 +117,7 @@ def load(source: str | None = None, cache_dir: str | None = None) -> Settings:
     origin = {}
 
     def pick(key, argument, env_name, default, default_why):
-        for value, why in ((argument, "argument"), (os.environ.get(env_name), env_name), (file.get(key), in_file)):
+        for value, why in ((argument, "the argument"), (os.environ.get(env_name), env_name), (file.get(key), in_file)):
             if value not in (None, "", "auto"):
                 origin[key] = why
                 return str(value)
