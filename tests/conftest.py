@@ -31,10 +31,11 @@ def demo(demo_path):
 
 
 @pytest.fixture(autouse=True)
-def _no_model_env(monkeypatch, tmp_path):
+def _no_model_env(monkeypatch, tmp_path_factory):
     """Tests choose their model explicitly; a developer's CONCH_* settings, settings file and
     AutoDL data disk must not leak in (nor a test's settings into the checkout)."""
     for name in ("CONCH_BASE_MODEL", "CONCH_MODEL_SOURCE", "CONCH_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CONCH_SETTINGS", str(tmp_path / "conch_settings.yaml"))
-    monkeypatch.setenv("CONCH_DATA_DISK", str(tmp_path / "no-data-disk"))
+    machine = tmp_path_factory.mktemp("machine")  # apart from the test's own tmp_path
+    monkeypatch.setenv("CONCH_SETTINGS", str(machine / "conch_settings.yaml"))
+    monkeypatch.setenv("CONCH_DATA_DISK", str(machine / "no-data-disk"))
