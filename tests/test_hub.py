@@ -196,8 +196,9 @@ def test_fetch_saves_the_choice_for_later_kernels(monkeypatch, tiny_r1, demo_pat
     assert saved == {"base_model": str(Path(tiny_r1).resolve()), "source": "modelscope"}
     later = hub.resolve("auto")  # a fresh kernel of a later notebook
     assert later.path == resolved.path and "conch_settings.yaml sets base_model" in later.why
-    hub.fetch("auto")  # back to the GPU/CPU rule; the source stays
-    assert settings.read_file() == {"source": "modelscope"} and hub.resolve("auto").path == demo_path
+    assert hub.fetch("auto").path == resolved.path  # auto keeps the saved choice (notebook 02 run again)
+    settings.save(base_model=None)  # deleting the line: back to the GPU/CPU rule
+    assert hub.fetch("auto").path == demo_path and settings.read_file() == {"source": "modelscope"}
 
 
 def test_fetch_refuses_an_unknown_source_before_anything_else():

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run, extra_ok=True)
 
     p = sub.add_parser("download", help="download the base model once and save the choice in conch_settings.yaml")
-    p.add_argument("--model", default=None, help="auto | demo | hub id | local folder (default: auto)")
+    p.add_argument("--model", default=None, help="auto | demo | hub id | local folder (default: auto, i.e. the "
+                   "saved choice, else the 1.5B model with a CUDA GPU and demo without)")
     p.add_argument("--source", default=None, help="huggingface | mirror (hf-mirror.com) | modelscope "
                    "(default: the saved one; mirror on AutoDL, huggingface elsewhere)")
     p.add_argument("--cache-dir", default=None, help="where downloads go (default: the saved one; "

@@ -191,15 +191,15 @@ def fetch(base_model: str | None = "auto", source: str | None = None, cache_dir:
           revision: str | None = None) -> ResolvedModel:
     """Notebook 02's and ``conch download``'s step: resolve the model (downloading it once), then
     save the choices to the settings file, so that every later kernel and command finds the same
-    model on disk. ``auto`` clears an earlier choice of model; ``source``/``cache_dir`` of None
-    (or ``auto``) keep the saved ones.
+    model on disk. ``auto`` or None (model and source) and a cache_dir of None keep what is saved:
+    to go back to the GPU/CPU rule, delete ``base_model`` from the file.
     """
     if source not in (None, "auto"):
         settings.check_source(source, "the argument")
     resolved = resolve(base_model, source=source, cache_dir=cache_dir, revision=revision)
-    chosen = None if base_model in (None, "auto") else (
-        str(resolved.path) if Path(str(base_model)).expanduser().is_dir() else base_model)
-    changes = {"base_model": chosen}
+    changes = {}
+    if base_model not in (None, "auto"):
+        changes["base_model"] = str(resolved.path) if Path(str(base_model)).expanduser().is_dir() else base_model
     if source not in (None, "auto"):
         changes["source"] = source
     if cache_dir:
