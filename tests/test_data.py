@@ -248,5 +248,5 @@ def test_truncate_cannot_help_when_the_prompt_alone_is_too_long(demo_tokenizer, 
 def test_jsonl_syntax_error_names_its_real_line(tmp_path):
     path = write(tmp_path, "broken.jsonl", '{"instruction": "q", "output": "a"}\n\n{"instruction": "q", "output": "a"}\n'
                                            '{"instruction": "x" "output": "b"}\n')
-    with pytest.raises(ConchError, match=r"broken.jsonl is not valid JSON: .* at line 4, column 20"):
+    with pytest.raises(ConchError, match=r"broken.jsonl is not valid JSON: .* at line 4, column 21"):
         data.load_records(str(path))
