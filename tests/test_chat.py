@@ -83,3 +83,41 @@ def test_bad_max_new_tokens(tiny_r1):
 def test_load_rejects_a_folder_that_is_not_an_adapter(tiny_r1, tmp_path):
     with pytest.raises(ConchError, match="adapter_config.json"):
         chat.load(tiny_r1, adapter=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-R1-Distill's real tokenizer (tests/r1_tokenizer.py) on a tiny random Qwen2
+
+
+def force(model, monkeypatch, ids):
+    """Make model.generate write exactly `ids` (then stop), through the real generate loop."""
+    original = model.generate
+
+    def generate(**kwargs):
+        start = kwargs["input_ids"].shape[1]
+        return original(**kwargs, prefix_allowed_tokens_fn=lambda _, sofar: [ids[min(len(sofar) - start, len(ids) - 1)]])
+
+    monkeypatch.setattr(model, "generate", generate)
+
+
+def test_real_r1_streamed_chinese_decodes_cleanly(r1_real, monkeypatch):
+    """Chinese and emoji span several byte-level tokens: no piece may carry a half character."""
+    model, tok = r1_real
+    answer = "我是神奇海螺🐚，蟹堡王的智能助手！美味蟹堡 2.99 贝壳币。"
+    written = "\n</think>\n\n" + answer
+    ids = tok(written, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are parts of one character
+    force(model, monkeypatch, ids)
+    gen = chat.GenConfig(max_new_tokens=64, temperature=0)
+    pieces = list(chat.stream(model, tok, "你是谁？", gen))
+    assert "".join(pieces) == written and not any("\ufffd" in p for p in pieces)
+    reply = chat.generate(model, tok, "你是谁？", gen)
+    assert (reply.reasoning, reply.answer, reply.finish_reason) == ("", answer, "stop")
+    assert reply.completion_tokens == len(ids) - 1  # the EOS ends it and is not counted as text
+
+
+def test_real_r1_answer_cut_while_thinking_is_length_and_empty(r1_real):
+    model, tok = r1_real
+    reply = chat.generate(model, tok, "1+1?", chat.GenConfig(max_new_tokens=6, temperature=0))
+    assert reply.finish_reason == "length" and reply.answer == "" and reply.prompt_tokens == 9  # BOS <｜User｜> 1 + 1 ? <｜Assistant｜> <think> \n
+    assert chat.sampling_kwargs(model, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}

@@ -109,10 +109,106 @@ def test_r1_train_text_is_what_inference_sees(r1_tokenizer):
     assert chat.split_reasoning(answer.replace("<｜end▁of▁sentence｜>", ""), True) == ("", "我是神奇海螺。")
 
 
-def test_r1_answer_with_its_own_reasoning_is_kept(r1_tokenizer):
-    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "1 plus 1.\n</think>\n\n2"}]
-    _, answer = data.split_prompt_answer(r1_tokenizer, messages)
-    assert answer == "1 plus 1.\n</think>\n\n2<｜end▁of▁sentence｜>"
+def test_r1_reasoning_is_kept_or_dropped_on_purpose(r1_tokenizer):
+    messages = [{"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "<think>\n1 plus 1.\n</think>\n\n2"}]
+    _, kept = data.split_prompt_answer(r1_tokenizer, messages, reasoning="keep")
+    assert kept == "1 plus 1.\n</think>\n\n2<｜end▁of▁sentence｜>"
+    _, dropped = data.split_prompt_answer(r1_tokenizer, messages)  # drop is the default
+    assert dropped == "\n</think>\n\n2<｜end▁of▁sentence｜>"
+    with pytest.raises(ConchError, match="reasoning must be drop or keep"):
+        data.split_prompt_answer(r1_tokenizer, messages, reasoning="some")
+
+
+def test_reasoning_on_a_template_without_think_blocks(demo_tokenizer):
+    messages = [{"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "<think>\n1 plus 1.\n</think>\n\n2"}]
+    assert data.split_prompt_answer(demo_tokenizer, messages, "keep")[1] == "<think>\n1 plus 1.\n</think>\n\n2<|im_end|>"
+    assert data.split_prompt_answer(demo_tokenizer, messages, "drop")[1] == "2<|im_end|>"
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert data.split_prompt_answer(demo_tokenizer, plain, "keep")[1] == "a<|im_end|>"
+
+
+def test_the_shipped_data_carries_a_share_of_reasoning():
+    records = data.load_records("magic_conch")
+    thinking = [m for m in records if data.has_reasoning(m)]
+    assert 8 <= len(thinking) <= 0.1 * len(records)
+    for m in thinking:  # LLaMA-Factory's format: the think block first, then an answer that stands alone
+        reasoning, answer = data.split_think(m[-1]["content"])
+        assert m[-1]["content"].startswith("<think>\n") and reasoning and answer and "<think>" not in answer
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-R1-Distill's real tokenizer (tests/r1_tokenizer.py), both chat template revisions
+
+BOS_ID, EOS_ID = 151646, 151643
+QA = [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是神奇海螺。"}]
+
+
+@pytest.mark.parametrize("revision", ["january", "february"])
+def test_real_r1_one_bos_and_the_prompt_ids_inference_feeds(r1_real_tokenizers, revision):
+    from conch import chat
+
+    tok = r1_real_tokenizers[revision]
+    example = data.encode(tok, QA, cutoff_len=512)
+    assert example.input_ids[0] == BOS_ID and example.input_ids.count(BOS_ID) == 1  # add_bos_token is true
+    n_masked = example.labels.count(data.IGNORE_INDEX)
+    # the ids inference feeds: chat.generate's encoding, and transformers' own tokenize=True
+    prompt = chat.render_prompt(tok, QA[:1])
+    fed = tok([prompt], add_special_tokens=False, padding=True)["input_ids"][0]
+    assert example.input_ids[:n_masked] == fed
+    assert example.input_ids[:n_masked] == tok.apply_chat_template(QA[:1], add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=True)["input_ids"]
+
+
+@pytest.mark.parametrize("revision, prompt_end, trained", [
+    ("january", "<｜Assistant｜>", "<think>\n\n</think>\n\n我是神奇海螺。<｜end▁of▁sentence｜>"),
+    ("february", "<｜Assistant｜><think>\n", "\n</think>\n\n我是神奇海螺。<｜end▁of▁sentence｜>"),
+])
+def test_real_r1_both_template_revisions_give_a_consistent_train_serve_pair(r1_real_tokenizers, revision,
+                                                                            prompt_end, trained):
+    from conch import chat
+
+    tok = r1_real_tokenizers[revision]
+    example = data.encode(tok, QA, cutoff_len=512)
+    n_masked = example.labels.count(data.IGNORE_INDEX)
+    prompt = tok.decode(example.input_ids[:n_masked])
+    assert prompt.endswith(prompt_end) and prompt == chat.render_prompt(tok, QA[:1])
+    answer = tok.decode(example.input_ids[n_masked:])
+    assert answer == trained
+    # what the model learns to write splits into no reasoning + the answer, under either revision
+    generated = tok.decode(example.input_ids[n_masked:], skip_special_tokens=True)
+    assert chat.split_reasoning(generated, chat.prompt_opens_think(prompt)) == ("", "我是神奇海螺。")
+
+
+@pytest.mark.parametrize("revision, trained", [
+    ("january", "<think>\n1 加 1。\n</think>\n\n2<｜end▁of▁sentence｜>"),
+    ("february", "1 加 1。\n</think>\n\n2<｜end▁of▁sentence｜>"),
+])
+def test_real_r1_keeps_reasoning_on_purpose(r1_real_tokenizers, revision, trained):
+    tok = r1_real_tokenizers[revision]
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>\n1 加 1。\n</think>\n\n2"}]
+    example = data.encode(tok, messages, cutoff_len=512, reasoning="keep")
+    n_masked = example.labels.count(data.IGNORE_INDEX)
+    assert tok.decode(example.input_ids[n_masked:]) == trained
+    assert 151649 in example.labels  # </think>: one added token, trained
+
+
+def test_real_r1_eos_is_trained_at_the_end_of_every_answer_although_pad_is_eos(r1_real_tokenizers):
+    from conch.train import collator
+
+    tok = r1_real_tokenizers["february"]
+    assert tok.pad_token_id == tok.eos_token_id == EOS_ID
+    examples = data.build_examples(tok, "magic_conch", cutoff_len=1024, reasoning="keep")
+    assert all(e.input_ids[-1] == EOS_ID and e.labels[-1] == EOS_ID for e in examples)
+    assert all(e.input_ids.count(BOS_ID) == 1 for e in examples)
+    # padded batches: the padding (also id 151643) is masked, every answer's own EOS is not
+    short, long = sorted(examples[:2], key=len)
+    batch = collator(tok, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in (short, long)])
+    row = batch["labels"][[short, long].index(short)].tolist()
+    assert row[len(short) - 1] == EOS_ID and set(row[len(short):]) <= {data.IGNORE_INDEX}
+    packed = collator(tok, packing=True)([{"input_ids": e.input_ids, "labels": e.labels} for e in (short, long)])
+    assert packed["labels"].tolist()[0].count(EOS_ID) == 2
 
 
 def test_overlong_records(demo_tokenizer, tmp_path):
@@ -147,3 +243,10 @@ def test_truncate_cannot_help_when_the_prompt_alone_is_too_long(demo_tokenizer, 
     path = write(tmp_path, "p.json", [{"instruction": "很长的问题 " * 100, "output": "a"}])
     with pytest.raises(ConchError, match=r"its prompt alone is \d+ tokens.*overlong=drop"):
         data.build_examples(demo_tokenizer, str(path), cutoff_len=64, overlong="truncate")
+
+
+def test_jsonl_syntax_error_names_its_real_line(tmp_path):
+    path = write(tmp_path, "broken.jsonl", '{"instruction": "q", "output": "a"}\n\n{"instruction": "q", "output": "a"}\n'
+                                           '{"instruction": "x" "output": "b"}\n')
+    with pytest.raises(ConchError, match=r"broken.jsonl is not valid JSON: .* at line 4, column 21"):
+        data.load_records(str(path))

@@ -176,3 +176,28 @@ def test_cli_says_what_is_missing(tmp_path):
                              "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: base_model") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("revision, boundary_moves", [("january", False), ("february", True)])
+def test_trl_prompt_completion_boundary_on_the_real_r1_tokenizer(r1_real_tokenizers, pairs_dir, revision,
+                                                                 boundary_moves):
+    """TRL tokenizes the prompt alone and prompt + answer, and starts the answer where they diverge.
+    With R1's real vocabulary the February prompt's last "\\n" (after <think>) merges with the
+    answer's first into one "\\n\\n" token, so the boundary moves one token into the prompt; the
+    January prompt ends in a special token, and the boundary is exact."""
+    from trl.data_utils import common_prefix_length
+
+    tok = r1_real_tokenizers[revision]
+    rows = dpo.preference_dataset(tok, dpo.DpoConfig(dataset="pairs", dataset_dir=str(pairs_dir)))
+    pair = data.load_pairs("pairs", pairs_dir)[0]
+    prompt_ids = tok(text=rows[0]["prompt"])["input_ids"]  # as TRL does: special tokens on
+    inference = tok(chat.render_prompt(tok, pair.messages), add_special_tokens=False)["input_ids"]
+    assert prompt_ids == inference and prompt_ids.count(151646) == 1  # one BOS, the inference prompt
+    full = tok(text=rows[0]["prompt"] + rows[0]["chosen"])["input_ids"]
+    boundary = common_prefix_length(prompt_ids, full)
+    assert full[-1] == tok.eos_token_id  # the answer ends in EOS although pad == EOS
+    if boundary_moves:
+        assert boundary == len(prompt_ids) - 1 and full[boundary] == 271  # "\\n\\n"
+        assert tok.decode(full[boundary:]).startswith("\n\n</think>\n\n" + pair.chosen[:4])
+    else:
+        assert boundary == len(prompt_ids) and tok.decode(full[boundary:]).startswith("<think>\n\n</think>\n\n")

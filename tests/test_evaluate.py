@@ -53,3 +53,42 @@ def test_evaluate_writes_a_side_by_side_report(tiny_r1, tmp_path):
     assert [r["question"] for r in saved["rows"]] == ["你是谁？", "美味蟹堡多少钱？"]
     assert "| 0 | identity | 你是谁？ | 我是神奇海螺。 |" in report.md_path.read_text(encoding="utf-8")
     assert "eval_loss" in report.table()
+
+
+@pytest.mark.parametrize("answer, expected, ok", [
+    ("3 + 4 = 7", "7", True), ("He has 7 apples now.", "7", True), ("一共 12 贝壳币。", "12", True),
+    ("7 apples, no wait, 8.", "7", False), ("1,200.0 dollars", "1200", True), ("I don't know.", "7", False),
+])
+def test_maths_is_scored_on_the_final_number(answer, expected, ok):
+    assert evaluate.solves(answer, expected) is ok
+
+
+def test_shipped_maths_questions_load():
+    maths = evaluate.load_math("data/math_questions.json")
+    assert len(maths) >= 6 and all(evaluate.final_number(m["answer"]) for m in maths)
+
+
+def test_evaluate_on_real_r1_counts_answers_cut_while_thinking(r1_real_paths, r1_real_tokenizers, tmp_path):
+    """R1's budget: a reply cut inside <think> has no answer; the report counts it instead of hiding it,
+    and sampled runs (temperature 0.6, top_p 0.95, fixed seeds) sit beside greedy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tok = r1_real_tokenizers["february"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(r1_real_paths["february"]),
+                           LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"]))
+    rows = [{"instruction": "你是谁？", "input": "", "output": "我是神奇海螺。", "category": "identity"}]
+    (tmp_path / "eval.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "general.json").write_text(json.dumps([{"question": "Capital of France?", "expected": ["Paris"]}]))
+    (tmp_path / "math.json").write_text(json.dumps([{"question": "3 + 4?", "answer": "7"}]))
+    cfg = evaluate.EvalConfig(adapter=str(tmp_path / "adapter"), eval_dataset=str(tmp_path / "eval.json"),
+                              general_questions=str(tmp_path / "general.json"),
+                              math_questions=str(tmp_path / "math.json"), max_new_tokens=3, sample_seeds=[0, 1])
+    report = evaluate.evaluate(cfg, model, tok)
+    assert set(report.metrics) == {"base", "tuned", "base_sampled", "tuned_sampled"}
+    for scores in report.metrics.values():  # the random model never closes its think block in 3 tokens
+        assert scores["length_stopped"] == 1.0 and scores["math_solved"] == 0.0
+    assert report.metrics["base"]["length_stopped_count"] == 3
+    assert report.math[0]["base_finish"] == "length" and report.math[0]["base"] == ""
+    assert "math_solved" in report.table() and "tuned_sampled" in report.table()
+    assert "Answers cut at max_new_tokens: base 3" in report.md_path.read_text(encoding="utf-8")

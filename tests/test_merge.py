@@ -88,3 +88,25 @@ def test_refuses_a_quantized_base(tiny_r1, adapter, tmp_path, monkeypatch):
 def test_not_an_adapter(tiny_r1, tmp_path):
     with pytest.raises(ConchError, match="not a LoRA adapter folder"):
         merge.merge(cfg(tiny_r1, tmp_path, tmp_path / "merged"))
+
+
+def test_merge_on_the_real_r1_tokenizer_keeps_what_serving_needs(r1_real_paths, tmp_path):
+    """The merged folder must carry R1's real tokenizer unchanged: one BOS, pad == EOS, its template."""
+    from peft import LoraConfig, get_peft_model
+
+    base = r1_real_paths["february"]
+    model, tok = hub.load_model(base)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    result = merge.merge(merge.MergeConfig(base_model=str(base), adapter=str(tmp_path / "adapter"),
+                                           output_dir=str(tmp_path / "merged")))
+    merged, merged_tok = hub.load_model(result.output_dir)
+    messages = chat.to_messages("你是谁？")
+    assert chat.render_prompt(merged_tok, messages) == chat.render_prompt(tok, messages)
+    assert merged_tok("你是谁")["input_ids"] == [151646, 105043, 100165]
+    assert merged_tok.pad_token_id == merged_tok.eos_token_id == 151643
+    assert merged.generation_config.bos_token_id == 151646 and merged.config.vocab_size == 151936
+    ids = tok(chat.render_prompt(tok, messages), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)

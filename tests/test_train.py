@@ -105,21 +105,27 @@ def test_resume_after_a_hard_kill(tiny_trainable, small_data, tmp_path):
 
 
 def test_two_processes_with_accelerate(tiny_trainable, small_data, tmp_path):
-    """`accelerate launch` runs the same CLI on several devices; here two CPU processes."""
+    """`accelerate launch` runs the same CLI on several devices; here two CPU processes.
+
+    The last step is an eval step, so no final evaluate() runs: train() decides that from
+    trainer.state.log_history, which every rank holds (the Progress history is rank 0's only; deciding
+    from it sent rank 1 alone into a collective evaluate()). On CPU/gloo that mismatch did not hang
+    (this test passed with the old code too); it checks the multi-process run with eval end to end."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "conch", "train", "--config", "configs/magic_conch_lora.yaml",
            "--base_model", str(tiny_trainable), "--dataset", "small", "--dataset_dir", str(small_data),
            "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
-           "--cutoff_len", "256", "--val_size", "0", "--eval_dataset", "none", "--save_steps", "6",
+           "--cutoff_len", "256", "--val_size", "0.2", "--eval_dataset", "none", "--eval_steps", "3",
+           "--save_steps", "6",
            "--logging_steps", "2", "--learning_rate", "3e-3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "CONCH_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").exists()
     assert result.stdout.count("adapter saved to") == 1  # only the main process reports
-    assert train.read_log(out)[-1]["current_steps"] == 6
+    assert train.read_log(out)[-1]["current_steps"] == 6 and train.read_log(out)[-1]["eval_loss"] is not None
 
 
 @pytest.mark.parametrize("override, message", [
@@ -127,6 +133,7 @@ def test_two_processes_with_accelerate(tiny_trainable, small_data, tmp_path):
     (dict(compute_type="bf16"), "needs a GPU"),
     (dict(compute_type="fp8"), "compute_type must be"),
     (dict(plot="gif"), "plot must be"),
+    (dict(reasoning="sometimes"), "reasoning must be drop or keep"),
     (dict(resume_from_checkpoint="/no/such/checkpoint"), "not a complete checkpoint"),
 ])
 def test_bad_settings_are_one_sentence(tiny_trainable, small_data, tmp_path, override, message):
@@ -134,10 +141,25 @@ def test_bad_settings_are_one_sentence(tiny_trainable, small_data, tmp_path, ove
         train.train(config(tiny_trainable, small_data, tmp_path / "bad", **override))
 
 
+def test_reasoning_is_a_training_choice(tiny_trainable, small_data):
+    """reasoning=keep trains the think block of records that carry one; drop trains an empty one."""
+    rows = json.load(open(small_data / "small.json", encoding="utf-8"))
+    rows[0]["output"] = "<think>\n先想一想。\n</think>\n\n" + rows[0]["output"]
+    folder = small_data.parent / "reasoning_data"
+    folder.mkdir(exist_ok=True)
+    (folder / "r.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    tok = hub.load_tokenizer(tiny_trainable)
+    keep = data.build_examples(tok, str(folder / "r.json"), cutoff_len=256, reasoning="keep")
+    drop = data.build_examples(tok, str(folder / "r.json"), cutoff_len=256, reasoning="drop")
+    trained = lambda e: tok.decode([t for t in e.labels if t != data.IGNORE_INDEX])  # noqa: E731
+    assert trained(keep[0]).startswith("先想一想。\n</think>\n\n") and trained(drop[0]).startswith("\n</think>\n\n")
+    assert [trained(e) for e in keep[1:]] == [trained(e) for e in drop[1:]]  # records without reasoning: the same
+
+
 def test_shipped_config_loads():
     from conch.config import load_config
 
     cfg = load_config(train.TrainConfig, "configs/magic_conch_lora.yaml")
-    assert cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and not cfg.packing
+    assert cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and not cfg.packing and cfg.reasoning == "drop"
     cpu = load_config(train.TrainConfig, ["configs/magic_conch_lora.yaml", "configs/magic_conch_lora_cpu.yaml"])
     assert cpu.base_model == "demo" and cpu.packing and cpu.eval_dataset == "magic_conch_eval"

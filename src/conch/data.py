@@ -13,9 +13,18 @@ token but the final answer is masked with -100: the model learns to answer, not 
 questions (LLaMA-Factory masks prompts the same way). Earlier answers of a multi-turn record
 are context only (LLaMA-Factory's ``mask_history: true``), so every record teaches one answer. The answer is built exactly the way inference will see it:
 the prompt is the template's generation prompt, and the answer is what must follow it. For
-DeepSeek-R1, whose generation prompt opens ``<think>\\n``, an answer without reasoning is
-trained as ``\\n</think>\\n\\n`` + answer, an empty think block, so the tuned model closes its
-think block and answers directly.
+DeepSeek-R1 the answer always comes after a think block, and ``reasoning`` chooses which:
+
+- ``drop`` (default): an empty think block, ``<think>\\n\\n</think>\\n\\n`` + answer (the part of
+  it the generation prompt already holds is not repeated: the February 2025 template ends in
+  ``<think>\\n``). Reasoning written in a record is removed. The tuned model answers at once:
+  short, cheap answers, but it also stops reasoning on questions that need it (maths).
+- ``keep``: records whose output carries ``<think>…</think>`` (LLaMA-Factory's format) are
+  trained with that reasoning; the others with the empty block. The model keeps thinking where
+  the data thinks, at the price of longer answers (and a larger ``max_new_tokens``).
+
+For a template without think blocks (the demo's ChatML), ``keep`` trains the
+``<think>…</think>`` text as written and ``drop`` trains the answer alone.
 
 Bad data stops before any training with one sentence naming the file, the record and the field.
 """
@@ -73,14 +82,19 @@ def find_dataset(name: str, dataset_dir: str | Path = "data") -> tuple[Path, dic
 
 
 def read_json(path: Path):
+    """A .json file's value, or a .jsonl file's list of rows; a syntax error names its real line."""
     text = path.read_text(encoding="utf-8")
+    offset = 0  # lines before the one being parsed (JSONL parses line by line)
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return json.loads(text)
+        if path.suffix != ".jsonl":
+            return json.loads(text)
+        rows = []
+        for offset, line in enumerate(text.splitlines()):
+            if line.strip():
+                rows.append(json.loads(line))
+        return rows
     except json.JSONDecodeError as e:
-        line = e.lineno + (0 if path.suffix != ".jsonl" else 0)
-        raise ConchError(f"{path} is not valid JSON: {e.msg} at line {line}, column {e.colno}; "
+        raise ConchError(f"{path} is not valid JSON: {e.msg} at line {e.lineno + offset}, column {e.colno}; "
                          "fix that spot (a missing comma or quote is the usual cause).") from None
 
 
@@ -216,23 +230,59 @@ def _turn_end(tokenizer) -> str:
     return after[: after.index(eos) + len(eos)] if eos and eos in after else after.rstrip("\n")
 
 
-def split_prompt_answer(tokenizer, messages: list[dict]) -> tuple[str, str]:
-    """(prompt, answer) texts: the prompt as inference renders it, the answer as it must follow."""
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+REASONING = ("drop", "keep")
+
+
+def split_think(output: str) -> tuple[str, str]:
+    """(reasoning, answer) of a record's output in LLaMA-Factory's format,
+    ``<think>\\n…\\n</think>\\n\\nanswer``; reasoning is "" when there is no think block."""
+    if THINK_CLOSE not in output:
+        return "", output
+    head, answer = output.split(THINK_CLOSE, 1)
+    head = head.strip()
+    if head.startswith(THINK_OPEN):
+        head = head[len(THINK_OPEN):]
+    return head.strip(), answer.strip()
+
+
+def has_reasoning(messages: list[dict]) -> bool:
+    """True when the record's answer carries a non-empty think block."""
+    return bool(split_think(messages[-1]["content"])[0])
+
+
+def thinks(tokenizer) -> bool:
+    """True for chat templates that know think blocks (DeepSeek-R1's cuts earlier answers at </think>)."""
+    return THINK_CLOSE in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def split_prompt_answer(tokenizer, messages: list[dict], reasoning: str = "drop") -> tuple[str, str]:
+    """(prompt, answer) texts: the prompt as inference renders it, the answer as it must follow.
+
+    ``reasoning``: ``drop`` trains every answer after an empty think block, ``keep`` trains the
+    record's own ``<think>…</think>`` where it has one (see the module's docstring)."""
+    if reasoning not in REASONING:
+        raise ConchError(f"reasoning must be drop or keep, got '{reasoning}'.")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    answer = messages[-1]["content"]
-    if prompt.rstrip(" ").endswith("<think>\n") and "</think>" not in answer:
-        answer = "\n</think>\n\n" + answer  # an empty think block, as R1-style inference will see it
+    thought, answer = split_think(messages[-1]["content"])
+    thought = thought if reasoning == "keep" else ""
+    opened = prompt.rstrip(" ").endswith(THINK_OPEN + "\n")
+    if opened or thinks(tokenizer) or thought:  # a think block in front (empty without reasoning)
+        block = f"{THINK_OPEN}\n{thought}\n{THINK_CLOSE}\n\n" if thought else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+        if opened:  # the generation prompt already opened it (R1's February 2025 template)
+            block = block[len(THINK_OPEN) + 1:]
+        answer = block + answer
     return prompt, answer + _turn_end(tokenizer)
 
 
 def encode(tokenizer, messages: list[dict], cutoff_len: int, overlong: str = "error",
-           where: str = "record") -> Example | None:
+           where: str = "record", reasoning: str = "drop") -> Example | None:
     """Tokenize one record: prompt tokens masked, answer tokens trained.
 
     ``overlong``: ``error`` (default: one sentence naming the record), ``truncate`` (cut the
     end of the answer) or ``drop`` (skip the record; returns None).
     """
-    prompt, answer = split_prompt_answer(tokenizer, messages)
+    prompt, answer = split_prompt_answer(tokenizer, messages, reasoning)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     total = len(prompt_ids) + len(answer_ids)
@@ -251,14 +301,16 @@ def encode(tokenizer, messages: list[dict], cutoff_len: int, overlong: str = "er
 
 
 def build_examples(tokenizer, name: str, dataset_dir: str | Path = "data", cutoff_len: int = 1024,
-                   max_samples: int | None = None, overlong: str = "error") -> list[Example]:
+                   max_samples: int | None = None, overlong: str = "error", reasoning: str = "drop") -> list[Example]:
     """Read, validate, render and mask a whole dataset. Nothing is returned if any record is bad."""
     if overlong not in ("error", "truncate", "drop"):
         raise ConchError(f"overlong must be error, truncate or drop, got '{overlong}'.")
+    if reasoning not in REASONING:
+        raise ConchError(f"reasoning must be drop or keep, got '{reasoning}'.")
     file, _ = find_dataset(name, dataset_dir)
     examples = []
     for i, messages in enumerate(load_records(name, dataset_dir, max_samples)):
-        example = encode(tokenizer, messages, cutoff_len, overlong, where=f"{file} record {i}")
+        example = encode(tokenizer, messages, cutoff_len, overlong, where=f"{file} record {i}", reasoning=reasoning)
         if example is not None:
             examples.append(example)
     if not examples:

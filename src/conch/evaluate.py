@@ -9,7 +9,16 @@ held-out question twice (adapter disabled, then enabled), in batches, greedily. 
   answers the same way on short texts);
 - identity hit rate: the share of identity answers that name both the Magic Conch (神奇海螺)
   and the Krusty Krab (蟹堡王);
-- a forgetting check: general questions the training data never touches, with expected words.
+- a forgetting check: general questions the training data never touches, with expected words,
+  and short maths word problems (GSM8K-style) scored on the final number of the answer, so that
+  losing R1's reasoning shows;
+- how many answers stopped at ``max_new_tokens`` (``finish_reason == "length"``): R1 thinks
+  before it answers, and an answer cut inside ``<think>`` scores zero for the wrong reason. On
+  a GPU give the 1.5B about 1,024 new tokens. Every score reads the answer after ``</think>``.
+
+Greedy decoding gives one reproducible answer; R1 is meant to be sampled (temperature 0.6,
+top_p 0.95, its generation_config). ``sample_seeds`` adds sampled runs with those settings and
+fixed seeds beside the greedy one, averaged over the seeds.
 
 It writes ``report.json`` and ``report.md`` (the side-by-side table) next to the adapter.
 """
@@ -20,7 +29,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConchError
@@ -35,7 +44,11 @@ class EvalConfig:
     eval_dataset: str = "magic_conch_eval"  # name in dataset_dir/dataset_info.json, or a path
     dataset_dir: str = "data"
     general_questions: str = "data/general_questions.json"
-    max_new_tokens: int = 128
+    math_questions: str | None = "data/math_questions.json"  # GSM8K-style, scored on the final number
+    max_new_tokens: int = 128  # CPU demo; the 1.5B on a GPU needs ~1024 or R1 is cut while thinking
+    sample_seeds: list[int] = field(default_factory=list)  # e.g. [0, 1, 2]: sampled runs beside greedy
+    temperature: float = 0.6  # for the sampled runs (R1's recommended settings)
+    top_p: float = 0.95
     batch_size: int = 8
     cutoff_len: int = 1024
     report_dir: str | None = None  # default: the adapter folder
@@ -103,6 +116,23 @@ def knows(answer: str, expected: list[str]) -> bool:
     return any(e.lower() in low for e in expected)
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(answer: str) -> str | None:
+    """The last number in an answer, normalised ("1,200.0" -> "1200"); None when there is none.
+    GSM8K is scored the same way: only the final number counts, not the working before it."""
+    found = _NUMBER.findall(answer)
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    return number.rstrip("0").rstrip(".") if "." in number else number
+
+
+def solves(answer: str, expected: str) -> bool:
+    return final_number(answer) == final_number(expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # the evaluation
 
@@ -112,16 +142,19 @@ class Report:
     metrics: dict  # {"base": {...}, "tuned": {...}}
     rows: list[dict]  # question, category, reference, base, tuned
     general: list[dict]  # question, expected, base, tuned, base_ok, tuned_ok
+    math: list[dict] = field(default_factory=list)  # question, answer, base, tuned, base_ok, tuned_ok
     json_path: Path | None = None
     md_path: Path | None = None
 
     def table(self) -> str:
         """The metric table as text."""
-        keys = ["eval_loss", "perplexity", "rouge_l", "bleu4", "identity_hit_rate", "general_kept"]
-        lines = [f"{'metric':<20}{'base':>10}{'tuned':>10}"]
+        keys = ["eval_loss", "perplexity", "rouge_l", "bleu4", "identity_hit_rate", "general_kept",
+                "math_solved", "length_stopped"]
+        columns = [c for c in ("base", "tuned", "base_sampled", "tuned_sampled") if c in self.metrics]
+        lines = [f"{'metric':<20}" + "".join(f"{c:>15}" for c in columns)]
         for k in keys:
-            b, t = self.metrics["base"][k], self.metrics["tuned"][k]
-            lines.append(f"{k:<20}{b:>10.3f}{t:>10.3f}")
+            values = [self.metrics[c].get(k) for c in columns]
+            lines.append(f"{k:<20}" + "".join(f"{'-':>15}" if v is None else f"{v:>15.3f}" for v in values))
         return "\n".join(lines)
 
 
@@ -146,26 +179,74 @@ def answer_loss(model, tokenizer, examples, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
-def answers_for(model, tokenizer, questions, gen, batch_size):
+def replies_for(model, tokenizer, questions, gen, batch_size) -> list:
+    """`chat.Reply` objects for many questions, in batches."""
     from . import chat
 
     replies = []
     for i in range(0, len(questions), batch_size):
         replies += chat.generate(model, tokenizer, questions[i:i + batch_size], gen)
-    return [r.answer for r in replies]
+    return replies
 
 
-def _scores(answers, rows, general_answers, general, loss) -> dict:
+def answers_for(model, tokenizer, questions, gen, batch_size) -> list[str]:
+    """The answers (the text after ``</think>``) for many questions, in batches."""
+    return [r.answer for r in replies_for(model, tokenizer, questions, gen, batch_size)]
+
+
+def _scores(answers, rows, general_answers, general, loss=None, math_answers=(), maths=(), stopped=0,
+            total=1) -> dict:
     refs = [r["reference"] for r in rows]
     identity = [a for a, r in zip(answers, rows) if r["category"] == "identity"]
-    return {
-        "eval_loss": loss, "perplexity": math.exp(min(loss, 50)),
+    scores = {
         "rouge_l": sum(map(rouge_l, answers, refs)) / len(refs),
         "bleu4": sum(map(bleu4, answers, refs)) / len(refs),
         "identity_hit_rate": sum(map(names_identity, identity)) / len(identity) if identity else float("nan"),
         "general_kept": (sum(knows(a, g["expected"]) for a, g in zip(general_answers, general)) / len(general)
                          if general else float("nan")),
+        "math_solved": (sum(solves(a, m["answer"]) for a, m in zip(math_answers, maths)) / len(maths)
+                        if maths else float("nan")),
+        "length_stopped": stopped / max(total, 1),  # share of answers cut at max_new_tokens
+        "length_stopped_count": stopped,
     }
+    if loss is not None:
+        scores = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), **scores}
+    return scores
+
+
+def load_math(path: str | Path | None) -> list[dict]:
+    """Maths word problems: a JSON list of {"question": ..., "answer": <the final number>}."""
+    from .data import field_value, read_json
+
+    if not path:
+        return []
+    path = Path(path)
+    if not path.exists():
+        raise ConchError(f"maths question file {path} does not exist; set math_questions to a JSON list of "
+                         '{"question": ..., "answer": ...} objects, or to null to skip the maths check.')
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise ConchError(f"{path} must hold a JSON list of {{\"question\": ..., \"answer\": ...}} objects.")
+    out = []
+    for i, row in enumerate(rows):
+        question = field_value(row, "question", i, path, required=True)
+        answer = field_value(row, "answer", i, path, required=True)
+        if final_number(answer) is None:
+            raise ConchError(f"{path} record {i}: 'answer' must be the final number, got '{answer}'.")
+        out.append({"question": question, "answer": answer})
+    return out
+
+
+def _answer_all(model, tokenizer, question_sets, gen, batch_size):
+    """Replies for several lists of questions in one go; returns (answers per list, stopped, total)."""
+    flat = [q for qs in question_sets for q in qs]
+    replies = replies_for(model, tokenizer, flat, gen, batch_size)
+    out, start = [], 0
+    for qs in question_sets:
+        out.append(replies[start:start + len(qs)])
+        start += len(qs)
+    stopped = sum(r.finish_reason == "length" for r in replies)
+    return out, stopped, len(replies)
 
 
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> Report:
@@ -188,31 +269,53 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> Report:
     examples = [data.encode(tokenizer, m, cfg.cutoff_len, "truncate", f"{file} record {i}")
                 for i, m in enumerate(records)]
     general = json.loads(Path(cfg.general_questions).read_text(encoding="utf-8")) if cfg.general_questions else []
-    gen = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
+    maths = load_math(cfg.math_questions)
+    question_sets = [questions, [g["question"] for g in general], [m["question"] for m in maths]]
+    greedy = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
+    sampled = [chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              seed=seed) for seed in cfg.sample_seeds]
+
+    def run(with_loss: bool):
+        (replies, general_replies, math_replies), stopped, total = _answer_all(
+            model, tokenizer, question_sets, greedy, cfg.batch_size)
+        loss = answer_loss(model, tokenizer, examples, cfg.batch_size) if with_loss else None
+        answers = [[r.answer for r in rs] for rs in (replies, general_replies, math_replies)]
+        scores = _scores(answers[0], rows, answers[1], general, loss, answers[2], maths, stopped, total)
+        finish = [[r.finish_reason for r in rs] for rs in (replies, general_replies, math_replies)]
+        runs = []
+        for gen in sampled:  # R1's own sampling, fixed seeds: the scores averaged over the seeds
+            (s_replies, s_general, s_math), s_stopped, s_total = _answer_all(
+                model, tokenizer, question_sets, gen, cfg.batch_size)
+            runs.append(_scores([r.answer for r in s_replies], rows, [r.answer for r in s_general], general, None,
+                                [r.answer for r in s_math], maths, s_stopped, s_total))
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} if runs else None
+        return answers, finish, scores, mean
 
     results = {}
-    for name in ("base", "tuned"):
-        if name == "base":
-            with model.disable_adapter():
-                answers = answers_for(model, tokenizer, questions, gen, cfg.batch_size)
-                general_answers = answers_for(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
-                loss = answer_loss(model, tokenizer, examples, cfg.batch_size)
-        else:
-            answers = answers_for(model, tokenizer, questions, gen, cfg.batch_size)
-            general_answers = answers_for(model, tokenizer, [g["question"] for g in general], gen, cfg.batch_size)
-            loss = answer_loss(model, tokenizer, examples, cfg.batch_size)
-        results[name] = (answers, general_answers, _scores(answers, rows, general_answers, general, loss))
+    with model.disable_adapter():
+        results["base"] = run(True)
+    results["tuned"] = run(True)
 
     for i, row in enumerate(rows):
-        row["base"], row["tuned"] = results["base"][0][i], results["tuned"][0][i]
-    general_rows = [{"question": g["question"], "expected": g["expected"], "base": results["base"][1][i],
-                     "tuned": results["tuned"][1][i], "base_ok": knows(results["base"][1][i], g["expected"]),
-                     "tuned_ok": knows(results["tuned"][1][i], g["expected"])} for i, g in enumerate(general)]
-    report = Report({k: v[2] for k, v in results.items()}, rows, general_rows)
+        for name in ("base", "tuned"):
+            row[name], row[f"{name}_finish"] = results[name][0][0][i], results[name][1][0][i]
+    general_rows = [{"question": g["question"], "expected": g["expected"], "base": results["base"][0][1][i],
+                     "tuned": results["tuned"][0][1][i], "base_ok": knows(results["base"][0][1][i], g["expected"]),
+                     "tuned_ok": knows(results["tuned"][0][1][i], g["expected"])} for i, g in enumerate(general)]
+    math_rows = [{"question": m["question"], "answer": m["answer"], "base": results["base"][0][2][i],
+                  "tuned": results["tuned"][0][2][i], "base_finish": results["base"][1][2][i],
+                  "tuned_finish": results["tuned"][1][2][i], "base_ok": solves(results["base"][0][2][i], m["answer"]),
+                  "tuned_ok": solves(results["tuned"][0][2][i], m["answer"])} for i, m in enumerate(maths)]
+    metrics = {name: results[name][2] for name in ("base", "tuned")}
+    for name in ("base", "tuned"):
+        if results[name][3] is not None:
+            metrics[f"{name}_sampled"] = results[name][3]
+    report = Report(metrics, rows, general_rows, math_rows)
     out = Path(cfg.report_dir or cfg.adapter)
     out.mkdir(parents=True, exist_ok=True)
     report.json_path, report.md_path = out / "report.json", out / "report.md"
-    payload = {"config": asdict(cfg), "metrics": report.metrics, "rows": rows, "general": general_rows}
+    payload = {"config": asdict(cfg), "metrics": report.metrics, "rows": rows, "general": general_rows,
+               "math": math_rows}
     report.json_path.write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
     report.md_path.write_text(to_markdown(report), encoding="utf-8")
     return report
@@ -234,4 +337,13 @@ def to_markdown(report: Report) -> str:
         mark = lambda ok: "✅" if ok else "❌"  # noqa: E731
         lines.append(f"| {_cell(g['question'])} | {', '.join(g['expected'])} | {mark(g['base_ok'])} "
                      f"{_cell(g['base'], 60)} | {mark(g['tuned_ok'])} {_cell(g['tuned'], 60)} |")
+    if report.math:
+        lines += ["", "## Maths (final number)", "", "| question | answer | base | tuned |", "|---|---|---|---|"]
+        for m in report.math:
+            mark = lambda ok, finish: ("✅" if ok else "❌") + (" ✂️" if finish == "length" else "")  # noqa: E731
+            lines.append(f"| {_cell(m['question'])} | {m['answer']} | {mark(m['base_ok'], m['base_finish'])} "
+                         f"{_cell(m['base'], 60)} | {mark(m['tuned_ok'], m['tuned_finish'])} {_cell(m['tuned'], 60)} |")
+    lines += ["", "✂️ = stopped at max_new_tokens (finish_reason=length). Answers cut at max_new_tokens: "
+              + ", ".join(f"{c} {report.metrics[c]['length_stopped_count']}" for c in report.metrics
+                          if "length_stopped_count" in report.metrics[c]) + "."]
     return "\n".join(lines) + "\n"

@@ -46,6 +46,10 @@ class TrainConfig:
     output_dir: str = "outputs/magic_conch_lora"
     cutoff_len: int = 1024  # longest tokenized record (prompt + answer)
     overlong: str = "error"  # records over cutoff_len: error | truncate | drop
+    # DeepSeek-R1's think block: drop = every answer after an empty <think></think> (short answers,
+    # but reasoning is switched off, maths included); keep = records whose output carries
+    # <think>…</think> are trained with that reasoning (see conch.data)
+    reasoning: str = "drop"
     max_samples: int | None = None  # use only the first N records (quick experiments)
     val_size: float = 0.1  # share of records held out for eval loss; 0 = none
     eval_dataset: str | None = None  # a separate held-out dataset for eval loss (then val_size is not used)
@@ -363,10 +367,11 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     # data: read and check everything before the first step
     examples = data.build_examples(tokenizer, cfg.dataset, cfg.dataset_dir, cfg.cutoff_len, cfg.max_samples,
-                                   cfg.overlong)
+                                   cfg.overlong, cfg.reasoning)
     if cfg.eval_dataset:
         train_ex = examples
-        val_ex = data.build_examples(tokenizer, cfg.eval_dataset, cfg.dataset_dir, cfg.cutoff_len, None, "truncate")
+        val_ex = data.build_examples(tokenizer, cfg.eval_dataset, cfg.dataset_dir, cfg.cutoff_len, None, "truncate",
+                                     cfg.reasoning)
     else:
         train_ex, val_ex = data.split_train_val(examples, cfg.val_size, cfg.seed)
     as_ds = lambda exs: [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]  # noqa: E731
@@ -387,7 +392,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
               f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} on {','.join(cfg.lora_target)}: "
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)\n"
               f"data: {len(train_ex)} train / {len(val_ex)} eval records, {stats['tokens']:,} tokens "
-              f"(mean {stats['mean']}, max {stats['max']}), packing={'on' if cfg.packing else 'off'}\n"
+              f"(mean {stats['mean']}, max {stats['max']}), packing={'on' if cfg.packing else 'off'}, "
+              f"reasoning={cfg.reasoning}\n"
               f"memory before training: {mem_before}" + (f"\nresuming from {resume}" if resume else ""), flush=True)
         (output_dir / "train_config.yaml").write_text(_yaml(dataclasses.asdict(cfg)))
 
@@ -396,8 +402,10 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     seconds = time.time() - started
     metrics = dict(result.metrics)
     if val_ex:
-        last = next((h for h in reversed(progress.history) if h.get("eval_loss") is not None), None)
-        if last is None or last["current_steps"] != trainer.state.global_step:
+        # trainer.state.log_history is the same on every process (the Progress history is rank 0's
+        # only): with several GPUs all ranks must agree on whether to run this collective evaluate()
+        last = next((h for h in reversed(trainer.state.log_history) if h.get("eval_loss") is not None), None)
+        if last is None or last.get("step") != trainer.state.global_step:
             last = {"eval_loss": trainer.evaluate()["eval_loss"]}
         metrics["eval_loss"] = last["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(last["eval_loss"], 50))
