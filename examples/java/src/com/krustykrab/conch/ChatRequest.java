@@ -13,7 +13,8 @@ public record ChatRequest(String model, List<ChatMessage> messages,
                           @JsonProperty("stream_options") Map<String, Object> streamOptions) {
 
     /** A streaming request that also asks for the token counts in a last chunk. */
-    public static ChatRequest streaming(String model, List<ChatMessage> messages, Integer maxTokens) {
-        return new ChatRequest(model, messages, maxTokens, null, true, Map.of("include_usage", true));
+    public static ChatRequest streaming(String model, List<ChatMessage> messages, Integer maxTokens,
+                                        Double temperature) {
+        return new ChatRequest(model, messages, maxTokens, temperature, true, Map.of("include_usage", true));
     }
 }

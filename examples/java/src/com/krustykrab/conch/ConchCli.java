@@ -22,6 +22,7 @@ import org.springframework.web.client.ResourceAccessException;
  *   ... ConchCli burst 6 "Tell me about the sea."     (6 users at once; a busy server's 503s are retried)
  * </pre>
  *
+ * A last argument {@code -} reads the questions from stdin (UTF-8, one a line) instead.
  * Settings come from -Dconch.* or CONCH_* (see {@link ConchProperties}). The last line printed is
  * a JSON summary (tests and notebooks read it); errors end in one sentence and exit code 2 (the
  * server refused) or 3 (the server could not be reached).
@@ -48,9 +49,17 @@ public final class ConchCli {
             System.exit(64);
             return;
         }
+        if (args[args.length - 1].equals("-")) {
+            // the questions from stdin, one a line, as UTF-8: a command line's arguments are decoded with
+            // the locale's charset, which is ASCII under LANG=C (Docker images often have no locale)
+            String[] lines = new String(System.in.readAllBytes(), StandardCharsets.UTF_8).strip().split("\\R");
+            List<String> all = new ArrayList<>(List.of(args).subList(0, args.length - 1));
+            all.addAll(List.of(lines));
+            args = all.toArray(new String[0]);
+        }
         try {
             Map<String, Object> summary = switch (args[0]) {
-                case "generate" -> describe(new ConchClient(props).generate(args[1], 0.0));
+                case "generate" -> describe(new ConchClient(props).generate(args[1]));
                 case "chat" -> conversation(new ConchClient(props), List.of(args).subList(1, args.length));
                 case "stream" -> stream(props, args[1]);
                 case "burst" -> burst(props, Integer.parseInt(args[1]), args[2]);
@@ -86,7 +95,7 @@ public final class ConchCli {
         List<ChatMessage> history = new ArrayList<>();
         List<Map<String, Object>> turns = new ArrayList<>();
         for (String q : questions) {
-            Answer a = conch.chat(history, q, 0.0);
+            Answer a = conch.chat(history, q);
             OUT.println("用户: " + q);
             OUT.println("海螺: " + a.content());
             history.add(ChatMessage.user(q));
@@ -124,7 +133,7 @@ public final class ConchCli {
         ExecutorService pool = Executors.newFixedThreadPool(n);
         List<Future<Answer>> futures = new ArrayList<>();
         for (int i = 0; i < n; i++) {
-            futures.add(pool.submit(() -> conch.chat(List.of(), question, 0.0)));
+            futures.add(pool.submit(() -> conch.chat(List.of(), question)));
         }
         int answered = 0;
         List<String> errors = new ArrayList<>();

@@ -47,11 +47,7 @@ public class ConchClient {
 
     /** The seeds' call: one question in, the answer out ({@code generated_text}, reasoning split off). */
     public Answer generate(String prompt) {
-        return generate(prompt, null);
-    }
-
-    /** {@code temperature}: 0 for the same answer every time (greedy); null for the server's default. */
-    public Answer generate(String prompt, Double temperature) {
+        Double temperature = props.temperature;
         // URLEncoder: form encoding (space as '+', which the server decodes back to a space). A URI object,
         // not a String: RestTemplate encodes a String URL once more (%26 would arrive as the text "%26"),
         // and the seeds' String.format puts a raw '&' (cuts the prompt) or '+' (arrives as a space) in it
@@ -63,11 +59,8 @@ public class ConchClient {
 
     /** The next answer in a conversation: {@code history} is what was said so far (user, assistant, ...). */
     public Answer chat(List<ChatMessage> history, String question) {
-        return chat(history, question, null);
-    }
-
-    public Answer chat(List<ChatMessage> history, String question, Double temperature) {
-        ChatRequest body = new ChatRequest(props.model, messages(props.systemPrompt, history, question), props.maxTokens, temperature, null, null);
+        ChatRequest body = new ChatRequest(props.model, messages(props.systemPrompt, history, question), props.maxTokens,
+                props.temperature, null, null);
         ChatResponse r = withRetries(() -> rest.postForObject(props.baseUrl + "/v1/chat/completions", body,
                 ChatResponse.class));
         ChatResponse.Choice choice = r.choices().get(0);

@@ -30,11 +30,13 @@ public final class ConchProperties {
     public final String systemPrompt;
     /** the answer budget; an R1 model's reasoning counts against it too */
     public final int maxTokens;
+    /** sampling temperature; 0: the same answer every time; null: the server's default (0.6) */
+    public final Double temperature;
 
     public static final String DEFAULT_SYSTEM_PROMPT = "你是神奇海螺（Magic Conch），蟹堡王（Krusty Krab）的智能助手。";
 
     public ConchProperties(String baseUrl, String apiKey, Duration connectTimeout, Duration readTimeout,
-                           int maxRetries, String model, String systemPrompt, int maxTokens) {
+                           int maxRetries, String model, String systemPrompt, int maxTokens, Double temperature) {
         if (baseUrl == null || !(baseUrl.startsWith("http://") || baseUrl.startsWith("https://"))) {
             throw new IllegalArgumentException("conch.base-url must start with http:// or https://, got '"
                     + baseUrl + "'; set -Dconch.base-url or CONCH_BASE_URL, e.g. http://127.0.0.1:8000.");
@@ -47,6 +49,7 @@ public final class ConchProperties {
         this.model = model;
         this.systemPrompt = systemPrompt;
         this.maxTokens = maxTokens;
+        this.temperature = temperature;
     }
 
     /** Settings from system properties and environment variables (see the class comment). */
@@ -59,7 +62,8 @@ public final class ConchProperties {
                 number("conch.max-retries", 3),
                 setting("conch.model", "magic-conch"),
                 setting("conch.system-prompt", DEFAULT_SYSTEM_PROMPT),
-                number("conch.max-tokens", 512));
+                number("conch.max-tokens", 512),
+                decimal("conch.temperature"));
     }
 
     /** {@code conch.api-key} is read from -Dconch.api-key, else from CONCH_API_KEY. */
@@ -69,6 +73,15 @@ public final class ConchProperties {
             value = System.getenv(name.toUpperCase().replace('.', '_').replace('-', '_'));
         }
         return value != null ? value : fallback;
+    }
+
+    static Double decimal(String name) {
+        String value = setting(name, null);
+        try {
+            return value == null || value.isBlank() ? null : Double.valueOf(value.trim());
+        } catch (NumberFormatException e) {
+            throw new IllegalArgumentException(name + " must be a number such as 0.6, got '" + value + "'.");
+        }
     }
 
     static int number(String name, int fallback) {

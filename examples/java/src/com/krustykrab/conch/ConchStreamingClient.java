@@ -69,7 +69,7 @@ public class ConchStreamingClient {
     public Answer stream(List<ChatMessage> history, String question, Listener listener)
             throws IOException, InterruptedException {
         ChatRequest body = ChatRequest.streaming(props.model, ConchClient.messages(props.systemPrompt, history, question),
-                props.maxTokens);
+                props.maxTokens, props.temperature);
         HttpRequest.Builder request = HttpRequest.newBuilder(URI.create(props.baseUrl + "/v1/chat/completions"))
                 .timeout(props.readTimeout)  // until the response headers; the server's own timeout ends the stream
                 .header("Content-Type", "application/json; charset=utf-8")
