@@ -34,7 +34,8 @@ def classpath():
 def java(classpath, url, command, *questions, **settings):
     """Run ConchCli with CONCH_* settings under LANG=C (UTF-8 must not depend on the locale): the
     questions go in on stdin as UTF-8, the last line out is its JSON summary."""
-    env = {"PATH": os.environ["PATH"], "LANG": "C", "CONCH_BASE_URL": url, "CONCH_MAX_TOKENS": "24", "CONCH_TEMPERATURE": "0",
+    env = {"PATH": os.environ["PATH"], "LANG": "C", "CONCH_BASE_URL": url, "CONCH_MAX_TOKENS": "24",
+           "CONCH_TEMPERATURE": "0",
            **{f"CONCH_{k.upper()}": str(v) for k, v in settings.items()}}
     args = command.split() + ["-"]
     done = subprocess.run(["java", "-cp", classpath, "com.krustykrab.conch.ConchCli", *args], env=env,
