@@ -8,7 +8,7 @@ STAMP := $(VENV)/.conch-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lab setup kernel browser clean-models clean
+.PHONY: run test lab setup kernel browser examples vllm clean-models clean
 
 run: $(STAMP)
 	$(PY) -m conch run
@@ -47,6 +47,22 @@ browser:
 	else \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	fi
+
+# The Java caller and the Vue page (tests/test_java_caller.py, tests/test_vue_page.py), as root on Debian/Ubuntu:
+# JDK 17, Debian's Spring 4.3 / Jackson / HttpClient 4.5 jars (Maven Central not needed), a CJK font for the
+# page's Chinese, Node.js if missing, and the page's npm packages from its lockfile; CI runs this first
+EXAMPLE_DEBS := default-jdk-headless libspring-web-java libjackson2-databind-java libhttpclient-java \
+	libcommons-logging-java fonts-noto-cjk
+examples:
+	@if command -v javac >/dev/null && [ -f /usr/share/java/spring3-web.jar ] && [ -f /usr/share/java/httpclient.jar ] \
+		&& [ -f /usr/share/java/jackson-databind.jar ] && fc-list | grep -q "Noto Sans CJK" && command -v npm >/dev/null; then \
+		echo "the JDK, the Java jars, the CJK font and npm are installed"; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(EXAMPLE_DEBS) $$(command -v npm >/dev/null || echo nodejs npm); \
+	fi
+	examples/java/build.sh
+	cd examples/vue && npm ci --no-audit --no-fund
 
 $(PY):
 	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: python3 is" \
