@@ -8,18 +8,23 @@ STAMP := $(VENV)/.conch-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lab setup browser clean-models clean
+.PHONY: run test lab setup browser gguf-converter clean-models clean
 
 run: $(STAMP)
 	$(PY) -m conch run
 
-test: $(STAMP)
+test: $(STAMP) gguf-converter
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 setup: $(STAMP)
+
+# llama.cpp's GGUF converter (python -m conch export), pinned: extracted from the llama-cpp-python
+# sdist on PyPI into .cache/ (git-ignored), nothing compiled; a no-op once it is there
+gguf-converter: $(STAMP)
+	$(PY) -c "from conch.export import ensure_converter; ensure_converter()"
 
 # Chromium + chromedriver for tests/test_browser.py (Debian/Ubuntu, as root); CI runs this first
 browser:

@@ -473,13 +473,14 @@ def export(cfg: ExportConfig) -> ExportResult:
         print(f"template checked on {n_cases} conversations; answering {len(prompts)} held-out questions with the "
               f"merged model and each GGUF ...", flush=True)
         gen = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
-        # both sides in float32 on the CPU, as transformers dequantizes a GGUF: the drift is the GGUF's alone
-        model, _ = hub.load_model(merged, hub.Device("cpu", torch.float32, "the GGUF check"))
+        # both sides in float32 (transformers dequantizes a GGUF to it), so the drift is the GGUF's alone
+        device = hub.pick_device().device
+        model, _ = hub.load_model(merged, hub.Device(device, torch.float32, "the GGUF check"))
         reference, ref_logits = _answers_and_logits(model, tokenizer, prompts, None, gen, cfg.batch_size)
         del model
         checks = []
         for t in outtypes:
-            model = load_gguf(tmp, files[t])
+            model = load_gguf(tmp, files[t]).to(device)
             texts, logits = _answers_and_logits(model, tokenizer, prompts, reference, gen, cfg.batch_size)
             del model
             abs_drift = max((a - b).abs().max().item() for a, b in zip(ref_logits, logits))
