@@ -147,8 +147,8 @@ def test_export_from_the_command_line(small_merged, tmp_path):
     report = json.loads((out / "export.json").read_text())
     assert report["template_family"] == "chatml" and report["stop"] == ["<|im_end|>"] and report["questions"] == 8
     checks = {c["outtype"]: c for c in report["checks"]}
-    assert checks["f16"]["identical"] == 1.0 and checks["f16"]["max_drift"] < 1e-2
-    assert checks["q8_0"]["identical"] >= export.MIN_IDENTICAL["q8_0"]
+    assert checks["f16"]["identical"] == 1.0 and checks["f16"]["top1"] == 1.0 and checks["f16"]["max_drift"] < 1e-2
+    assert checks["q8_0"]["top1"] >= export.MIN_TOP1["q8_0"]
     assert checks["f16"]["max_drift"] < checks["q8_0"]["max_drift"] <= export.MAX_DRIFT["q8_0"]
     assert checks["q8_0"]["size_bytes"] < checks["f16"]["size_bytes"]
     parsed = export.parse_modelfile(out / "Modelfile")
@@ -161,7 +161,7 @@ def test_a_failed_answer_check_leaves_nothing_half(small_merged, tmp_path, monke
     out = tmp_path / "gguf"
     out.mkdir()
     (out / "previous.txt").write_text("an earlier, complete export")
-    monkeypatch.setitem(export.MIN_IDENTICAL, "f16", 1.01)  # no model can reach this
+    monkeypatch.setitem(export.MIN_TOP1, "f16", 1.01)  # no model can reach this
     cfg = export.ExportConfig(merged_dir=str(small_merged), output_dir=str(out), outtypes=["f16"],
                               modelfile_outtype="f16", max_questions=2, max_new_tokens=4)
     with pytest.raises(ConchError, match="nothing was written"):

@@ -12,10 +12,10 @@ token and its sampling defaults. Then it checks, and keeps the export only if ev
 - the GGUF's tokenizer: the same vocabulary, the same BOS/EOS ids, the stop token is the EOS
   llama.cpp stops at, and the Jinja template embedded for ``llama-server --jinja`` is the
   tokenizer's own;
-- the weights: every GGUF loaded back with transformers answers the held-out questions greedily;
-  the share of answers identical to the merged model's, and the largest logit difference
-  (teacher-forced on the merged model's answers), must reach ``MIN_IDENTICAL`` / stay under
-  ``MAX_DRIFT`` for its type.
+- the weights: every GGUF loaded back with transformers answers the held-out questions greedily
+  (the share of whole answers identical to the merged model's is reported); teacher-forced on
+  the merged model's answers, its top token must agree at ``MIN_TOP1`` of the positions and its
+  largest logit difference stay under ``MAX_DRIFT`` for its type.
 
 Everything is written to ``<output_dir>.tmp`` and renamed when complete: a failed check or a
 crash leaves no half export. q4_k_m needs llama.cpp's compiled ``llama-quantize``; it is used
@@ -44,11 +44,15 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes itself
 QUANTIZER_OUTTYPES = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q4_0": "Q4_0"}  # need llama-quantize
 
-# the least share of greedy answers identical to the merged model's, and the largest logit
-# difference relative to the largest logit, accepted per GGUF type. f16 rounds every weight to
-# 11 mantissa bits, q8_0 to 8-bit integers in blocks of 32 with one f16 scale: small drifts that
-# can flip a near-tie between two tokens and so change the rest of an answer.
-MIN_IDENTICAL = {"f32": 1.0, "f16": 0.9, "bf16": 0.8, "q8_0": 0.75, "q4_k_m": 0.5, "q5_k_m": 0.6, "q4_0": 0.4}
+# What each GGUF type must reach, teacher-forced on the merged model's greedy answers: the share
+# of answer positions where its top token is the merged model's (MIN_TOP1), and the largest logit
+# difference relative to the largest logit (MAX_DRIFT). f16 rounds every weight to 11 mantissa
+# bits, q8_0 to 8-bit integers in blocks of 32 with one f16 scale: small drifts, but enough to
+# tip a near-tie between two tokens, after which a free-running answer takes another path. So the
+# share of whole answers identical is reported, not required: on the untuned demo model q8_0
+# kept 38% of 40 answers identical (48 tokens) with a relative drift of 0.054. A broken
+# conversion (wrong tensors, vocabulary or norms) misses both limits by far.
+MIN_TOP1 = {"f32": 0.999, "f16": 0.99, "bf16": 0.97, "q8_0": 0.95, "q4_k_m": 0.85, "q5_k_m": 0.9, "q4_0": 0.8}
 MAX_DRIFT = {"f32": 1e-4, "f16": 0.02, "bf16": 0.05, "q8_0": 0.1, "q4_k_m": 0.3, "q5_k_m": 0.25, "q4_0": 0.4}
 
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended defaults
@@ -75,7 +79,8 @@ class TypeCheck:
     file: str
     size_bytes: int
     convert_seconds: float
-    identical: float  # share of greedy answers identical to the merged model's
+    identical: float  # share of greedy answers identical to the merged model's (reported)
+    top1: float  # teacher-forced: share of answer positions with the merged model's top token (checked)
     max_drift: float  # largest |logit difference| / largest |logit|
     max_abs_drift: float
     different: list  # (question, merged answer, GGUF answer) where they differ
@@ -94,10 +99,10 @@ class ExportResult:
     seconds: float
 
     def table(self) -> str:
-        rows = ["| GGUF | size | converted in | greedy answers identical | worst logit drift (relative) |",
-                "|---|---:|---:|---:|---:|"]
+        rows = ["| GGUF | size | converted in | top token as merged | whole answers identical | worst logit drift (relative) |",
+                "|---|---:|---:|---:|---:|---:|"]
         for c in self.checks:
-            rows.append(f"| {c.file} | {c.size_bytes / 2**20:,.0f} MiB | {c.convert_seconds:.0f} s | "
+            rows.append(f"| {c.file} | {c.size_bytes / 2**20:,.0f} MiB | {c.convert_seconds:.0f} s | {c.top1:.1%} | "
                         f"{c.identical:.0%} | {c.max_abs_drift:.3g} ({c.max_drift:.1e}) |")
         return "\n".join(rows)
 
@@ -383,7 +388,8 @@ def check_gguf_tokenizer(meta: dict, tokenizer, translation: Translation, name: 
 
 
 def _answers_and_logits(model, tokenizer, prompts, answers_text, gen, batch_size):
-    """Greedy answers to ``prompts`` and, teacher-forced, the logits over prompt + ``answers_text``."""
+    """Greedy answers to ``prompts`` and, teacher-forced, the logits over prompt + ``answers_text``
+    (with the number of prompt tokens, so the answer positions can be told apart)."""
     import torch
 
     from . import chat
@@ -395,9 +401,10 @@ def _answers_and_logits(model, tokenizer, prompts, answers_text, gen, batch_size
     logits = []
     with torch.inference_mode():
         for messages, answer in zip(prompts, answers_text or texts):
-            text = chat.render_prompt(tokenizer, messages) + answer
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-            logits.append(model(**ids).logits.float().cpu()[0])
+            prompt = chat.render_prompt(tokenizer, messages)
+            ids = tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False).to(model.device)
+            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            logits.append((model(**ids).logits.float().cpu()[0], n_prompt))
     return texts, logits
 
 
@@ -483,16 +490,18 @@ def export(cfg: ExportConfig) -> ExportResult:
             model = load_gguf(tmp, files[t]).to(device)
             texts, logits = _answers_and_logits(model, tokenizer, prompts, reference, gen, cfg.batch_size)
             del model
-            abs_drift = max((a - b).abs().max().item() for a, b in zip(ref_logits, logits))
-            scale = max(a.abs().max().item() for a in ref_logits)
+            abs_drift = max((a - b).abs().max().item() for (a, _), (b, _) in zip(ref_logits, logits))
+            scale = max(a.abs().max().item() for a, _ in ref_logits)
             same = sum(a == b for a, b in zip(reference, texts)) / len(reference)
-            checks.append(TypeCheck(t, files[t], (tmp / files[t]).stat().st_size, seconds[t], same,
+            agree = [(a[n - 1:-1].argmax(-1) == b[n - 1:-1].argmax(-1)) for (a, n), (b, _) in zip(ref_logits, logits)]
+            top1 = sum(x.sum().item() for x in agree) / max(sum(len(x) for x in agree), 1)
+            checks.append(TypeCheck(t, files[t], (tmp / files[t]).stat().st_size, seconds[t], same, top1,
                                     abs_drift / max(scale, 1.0), abs_drift,
                                     [(p[-1]["content"], a, b) for p, a, b in zip(prompts, reference, texts) if a != b]))
         for c in checks:
-            if c.identical < MIN_IDENTICAL[c.outtype] or not c.max_drift <= MAX_DRIFT[c.outtype]:
-                raise ConchError(f"{c.file} answers {c.identical:.0%} of the held-out questions like the merged model "
-                                 f"(at least {MIN_IDENTICAL[c.outtype]:.0%} expected) with a logit drift of "
+            if c.top1 < MIN_TOP1[c.outtype] or not c.max_drift <= MAX_DRIFT[c.outtype]:
+                raise ConchError(f"{c.file} picks the merged model's top token at {c.top1:.1%} of the answer positions "
+                                 f"(at least {MIN_TOP1[c.outtype]:.0%} expected) with a relative logit drift of "
                                  f"{c.max_drift:.2g} (at most {MAX_DRIFT[c.outtype]:g}); nothing was written to {out}. "
                                  "Export f16 to see whether quantization is the cause.")
         report = {"merged_dir": str(merged), "llama_cpp_python": LLAMA_CPP_PYTHON, "template_family": translation.family,
