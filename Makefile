@@ -8,12 +8,12 @@ STAMP := $(VENV)/.conch-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lab setup kernel browser examples vllm clean-models clean
+.PHONY: run test lab setup kernel browser examples vllm gguf-converter clean-models clean
 
 run: $(STAMP)
 	$(PY) -m conch run
 
-test: $(STAMP)
+test: $(STAMP) gguf-converter
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
 # JupyterLab for a browser on another machine. On AutoDL (a data disk at /root/autodl-tmp) it
@@ -39,6 +39,11 @@ kernel: $(STAMP)
 	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
 
 setup: $(STAMP)
+
+# llama.cpp's GGUF converter (python -m conch export), pinned: extracted from the llama-cpp-python
+# sdist on PyPI into .cache/ (git-ignored), nothing compiled; a no-op once it is there
+gguf-converter: $(STAMP)
+	$(PY) -c "from conch.export import ensure_converter; ensure_converter()"
 
 # Chromium + chromedriver for tests/test_browser.py (Debian/Ubuntu, as root); CI runs this first
 browser:

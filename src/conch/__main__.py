@@ -1,7 +1,7 @@
 """The command line: ``python -m conch <stage> [--key value ...]``.
 
 Stages: ``run`` (the whole pipeline), ``download``, ``settings``, ``chat``, ``train``, ``dpo``, ``eval``,
-``merge``, ``serve``. Every stage reads its
+``merge``, ``export``, ``serve``. Every stage reads its
 config dataclass from ``--config file.yaml`` and takes any of its fields as ``--key value``.
 A mistake the user can fix ends in one sentence on stderr and exit code 2.
 """
@@ -85,6 +85,16 @@ def _cmd_merge(args, extra):
           f"tolerance {result.tolerance:g})")
 
 
+def _cmd_export(args, extra):
+    from .config import load_config, parse_cli_overrides
+    from .export import ExportConfig, export
+
+    result = export(load_config(ExportConfig, args.config, parse_cli_overrides(extra)))
+    print(result.table())
+    print(f"template ({result.template_family}) checked on {result.template_cases} conversations; stop {result.stop}")
+    print(f"Ollama:    cd {result.output_dir} && ollama create magic-conch -f Modelfile && ollama run magic-conch")
+
+
 def _cmd_serve(args, extra):
     from .config import load_config, parse_cli_overrides
     from .serve import ServeConfig, serve
@@ -138,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge the LoRA adapter into the base model; --base_model --adapter --output_dir")
     p.add_argument("--config", default=None)
     p.set_defaults(func=_cmd_merge, extra_ok=True)
+
+    p = sub.add_parser("export", help="the merged model as GGUF + Ollama Modelfile, verified; any ExportConfig field")
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=_cmd_export, extra_ok=True)
 
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible); any ServeConfig field")
     p.add_argument("--config", default=None)

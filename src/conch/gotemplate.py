@@ -1,0 +1,314 @@
+"""A small interpreter for the part of Go's text/template that Ollama chat templates use.
+
+Ollama renders a model's prompt with Go's ``text/template``; Python cannot run Go, so to check
+that an exported Modelfile builds the same prompt as the tokenizer's Jinja chat template we
+render it here. Supported: text, ``{{ pipeline }}``, the trim markers ``{{-`` / ``-}}``,
+``if`` / ``else if`` / ``else`` / ``end``, ``range`` (with ``$i, $e :=``), variables (``$``,
+``$x :=``), fields (``.A.B``, ``$x.A``), string, number and boolean literals, parentheses and
+the functions ``eq ne lt le gt ge and or not len slice index``. Anything else raises
+``ValueError`` instead of being guessed at. ``render_ollama`` adds what Ollama does before it
+renders (its ``collate`` of messages and the data it passes to the template).
+"""
+
+from __future__ import annotations
+
+import re
+
+_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
+_TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)|(?P<num>-?\d+)|(?P<decl>:=)'
+                    r'|(?P<punct>[(),|=])|(?P<var>\$\w*(?:\.\w+)*)|(?P<field>(?:\.\w+)+|\.)|(?P<ident>\w+))')
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
+
+
+def _lex(expr: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    expr = expr.strip()
+    while pos < len(expr):
+        m = _TOKEN.match(expr, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"cannot parse {expr[pos:]!r} in a template action")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+class _Parser:
+    """Turns the template into nested lists of nodes: str, ("out", expr), ("if", ...), ("range", ...)."""
+
+    def __init__(self, template: str):
+        self.items = []  # text and actions, trim markers applied
+        pos = 0
+        for m in _ACTION.finditer(template):
+            text = template[pos:m.start()]
+            if m.group(1):
+                text = text.rstrip(" \t\r\n")
+            if self.items and self.items[-1][0] == "trim_next":
+                self.items.pop()
+                text = text.lstrip(" \t\r\n")
+            self.items.append(("text", text))
+            self.items.append(("action", m.group(2).strip()))
+            if m.group(3):
+                self.items.append(("trim_next", None))
+            pos = m.end()
+        text = template[pos:]
+        if self.items and self.items[-1][0] == "trim_next":
+            self.items.pop()
+            text = text.lstrip(" \t\r\n")
+        self.items.append(("text", text))
+        self.i = 0
+
+    def parse(self, stop=()):
+        nodes = []
+        while self.i < len(self.items):
+            kind, value = self.items[self.i]
+            self.i += 1
+            if kind == "text":
+                if value:
+                    nodes.append(value)
+                continue
+            word = value.split(None, 1)[0] if value else ""
+            if word in ("end", "else"):
+                if word not in stop:
+                    raise ValueError(f"unexpected {{{{ {value} }}}}")
+                return nodes, value
+            if word == "if":
+                nodes.append(self._if(value[2:]))
+            elif word == "range":
+                nodes.append(self._range(value[5:]))
+            elif word in ("with", "define", "template", "block", "break", "continue") or value.startswith("/*"):
+                raise ValueError(f"{{{{ {value} }}}} is outside the supported subset")
+            else:
+                nodes.append(("out", _expr(_lex(value))))
+        if stop:
+            raise ValueError("a block is missing its {{ end }}")
+        return nodes, None
+
+    def _if(self, cond):
+        branches, otherwise = [], []
+        while True:
+            body, closer = self.parse(stop=("end", "else"))
+            branches.append((_expr(_lex(cond)), body))
+            if closer == "end":
+                break
+            rest = closer[4:].strip()
+            if rest.startswith("if "):
+                cond = rest[3:]
+                continue
+            if rest:
+                raise ValueError(f"{{{{ {closer} }}}} is outside the supported subset")
+            otherwise, closer = self.parse(stop=("end",))
+            break
+        return ("if", branches, otherwise)
+
+    def _range(self, spec):
+        tokens = _lex(spec)
+        names = []
+        if ("decl", ":=") in tokens:
+            cut = tokens.index(("decl", ":="))
+            names = [v for k, v in tokens[:cut] if k == "var"]
+            tokens = tokens[cut + 1:]
+        body, closer = self.parse(stop=("end", "else"))
+        otherwise = []
+        if closer != "end":
+            otherwise, _ = self.parse(stop=("end",))
+        return ("range", names, _expr(tokens), body, otherwise)
+
+
+def _expr(tokens):
+    """A pipeline without ``|``: a declaration ``$x := cmd`` or a command (function call or operand)."""
+    if any(k == "punct" and v == "|" for k, v in tokens):
+        raise ValueError("pipes (|) are outside the supported subset")
+    if len(tokens) >= 2 and tokens[0][0] == "var" and tokens[1] in (("decl", ":="), ("punct", "=")):
+        return ("set", tokens[0][1], _expr(tokens[2:]))
+    args, rest = _command(tokens)
+    if rest:
+        raise ValueError(f"unexpected {rest[0][1]!r} in a template action")
+    return args
+
+
+def _command(tokens):
+    items = []
+    while tokens and tokens[0] != ("punct", ")"):
+        kind, value = tokens[0]
+        if (kind, value) == ("punct", "("):
+            inner, tokens = _command(tokens[1:])
+            if not tokens or tokens[0] != ("punct", ")"):
+                raise ValueError("unbalanced parentheses in a template action")
+            items.append(inner)
+            tokens = tokens[1:]
+            continue
+        if kind == "str":
+            items.append(("lit", re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), value[1:-1])))
+        elif kind == "raw":
+            items.append(("lit", value[1:-1]))
+        elif kind == "num":
+            items.append(("lit", int(value)))
+        elif kind == "ident" and value in ("true", "false"):
+            items.append(("lit", value == "true"))
+        elif kind in ("ident", "field", "var"):
+            items.append((kind, value))
+        else:
+            raise ValueError(f"unexpected {value!r} in a template action")
+        tokens = tokens[1:]
+    if not items:
+        raise ValueError("empty template action")
+    if items[0][0] == "ident":
+        return ("call", items[0][1], items[1:]), tokens
+    if len(items) != 1:
+        raise ValueError("only a function can take arguments")
+    return items[0], tokens
+
+
+def truth(value) -> bool:
+    """Go's notion of true: not false, 0, nil, or empty."""
+    return not (value is None or value is False or value == 0 or (hasattr(value, "__len__") and len(value) == 0))
+
+
+def _get(obj, name):
+    if isinstance(obj, dict):
+        return obj.get(name)  # Ollama parses with missingkey=zero
+    return getattr(obj, name, None)
+
+
+_FUNCS = {
+    "eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
+    "not": lambda a: not truth(a), "len": len, "index": lambda a, *k: _index(a, k),
+    "slice": lambda a, *ij: a[ij[0]:ij[1]] if len(ij) == 2 else a[ij[0]:] if ij else a[:],
+}
+
+
+def _index(a, keys):
+    for k in keys:
+        a = a[k]
+    return a
+
+
+class _Scope:
+    def __init__(self, root):
+        self.vars = [{"$": root}]
+
+    def lookup(self, name):
+        for frame in reversed(self.vars):
+            if name in frame:
+                return frame[name]
+        raise ValueError(f"undefined variable {name}")
+
+
+def _eval(node, dot, scope):
+    kind = node[0]
+    if kind == "lit":
+        return node[1]
+    if kind == "field":
+        value = dot
+        for part in node[1].split(".")[1:]:
+            if part:
+                value = _get(value, part)
+        return value
+    if kind == "var":
+        name, *fields = node[1].split(".")
+        value = scope.lookup(name)
+        for part in fields:
+            value = _get(value, part)
+        return value
+    if kind == "set":
+        scope.vars[-1][node[1]] = _eval(node[2], dot, scope)
+        return None
+    if kind == "call":
+        name, args = node[1], node[2]
+        if name == "and":  # Go evaluates and/or lazily and returns the deciding argument
+            value = None
+            for a in args:
+                value = _eval(a, dot, scope)
+                if not truth(value):
+                    return value
+            return value
+        if name == "or":
+            value = None
+            for a in args:
+                value = _eval(a, dot, scope)
+                if truth(value):
+                    return value
+            return value
+        if name not in _FUNCS:
+            raise ValueError(f"function {name!r} is outside the supported subset")
+        return _FUNCS[name](*[_eval(a, dot, scope) for a in args])
+    raise ValueError(f"cannot evaluate {node!r}")
+
+
+def _show(value) -> str:
+    if value is None:
+        raise ValueError("the template prints a value that is not set")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _run(nodes, dot, scope, out):
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif node[0] == "out":
+            value = _eval(node[1], dot, scope)
+            if node[1][0] != "set":
+                out.append(_show(value))
+        elif node[0] == "if":
+            for cond, body in node[1]:
+                scope.vars.append({})
+                taken = truth(_eval(cond, dot, scope))
+                if taken:
+                    _run(body, dot, scope, out)
+                scope.vars.pop()
+                if taken:
+                    break
+            else:
+                scope.vars.append({})
+                _run(node[2], dot, scope, out)
+                scope.vars.pop()
+        elif node[0] == "range":
+            _, names, expr, body, otherwise = node
+            items = _eval(expr, dot, scope) or []
+            pairs = list(items.items()) if isinstance(items, dict) else list(enumerate(items))
+            if not pairs:
+                scope.vars.append({})
+                _run(otherwise, dot, scope, out)
+                scope.vars.pop()
+            for key, item in pairs:
+                frame = {}
+                if len(names) == 1:
+                    frame[names[0]] = item
+                elif len(names) == 2:
+                    frame[names[0]], frame[names[1]] = key, item
+                scope.vars.append(frame)
+                _run(body, item, scope, out)
+                scope.vars.pop()
+
+
+def render(template: str, data: dict) -> str:
+    """Render a Go template (the supported subset) with ``data`` as dot and ``$``."""
+    nodes, _ = _Parser(template).parse()
+    out: list[str] = []
+    _run(nodes, data, _Scope(data), out)
+    return "".join(out)
+
+
+def render_ollama(template: str, messages: list[dict], system: str | None = None) -> str:
+    """The prompt Ollama's chat endpoint builds from ``messages`` with this TEMPLATE.
+
+    As Ollama does: a Modelfile SYSTEM is prepended when the request has no system message;
+    consecutive messages of one role are joined with a blank line (``collate``); ``.System`` is
+    every system message joined the same way; ``.Messages`` keeps them all; ``.Response`` is empty.
+    """
+    messages = [dict(m) for m in messages]
+    if system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    collated: list[dict] = []
+    for m in messages:
+        if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
+            collated[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            collated.append({"Role": m["role"], "Content": m["content"]})
+    data = {"System": "\n\n".join(m["content"] for m in messages if m["role"] == "system"),
+            "Messages": collated, "Tools": None, "Response": "", "Think": False, "IsThinkSet": False}
+    return render(template, data)
