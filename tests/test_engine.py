@@ -147,6 +147,8 @@ def test_penalties():
     assert out.tolist() == [2.0, -1.0, 0.5 - 0.5 - 0.25, 3.0 - 1.0 - 0.25]  # the prompt does not count
     out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), prompt_ids=[0], output_ids=[1])
     assert out.tolist() == [1.0, -2.0, 0.5, 3.0]  # seen tokens (prompt too): positive halved, negative doubled
+    extreme = apply_penalties(logits, SamplingParams(repetition_penalty=5e-324), prompt_ids=[0], output_ids=[])
+    assert torch.isfinite(extreme).all()  # schemathesis found this one: inf logits, NaN probabilities
 
 
 def test_presence_penalty_changes_greedy_output(tiny, engine):

@@ -114,17 +114,17 @@ class Generation:
                 pass
 
         request.on_event = post
+        self.finished = False  # set when the event with the outcome was handed out (not when the worker sent it)
         engine.add(request)  # QueueFull here, before anything was awaited
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> Event:
-        if self.request.outcome is not None and self._queue.empty():
+        if self.finished:
             raise StopAsyncIteration
         event = await self._queue.get()
-        if event.outcome is not None:
-            self.request.outcome = event.outcome
+        self.finished = event.outcome is not None
         return event
 
     def cancel(self) -> None:

@@ -88,7 +88,7 @@ class ChatRequest(_Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     rag: bool | None = Field(None, description="retrieve from the knowledge folder first; "

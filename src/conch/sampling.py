@@ -49,7 +49,7 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
         counts = counts[: logits.shape[-1]].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    return logits.clamp(-1e4, 1e4)  # an extreme penalty must not turn into inf (and NaN probabilities)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:

@@ -25,6 +25,7 @@ import hmac
 import os
 import signal
 import sys
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
         return holder["service"]
 
     app = FastAPI(title="Magic Conch API", version="1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.stop_engine = lambda: holder["service"].engine.shutdown() if "service" in holder else None
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -175,6 +177,12 @@ def open_knowledge(cfg: ServeConfig):
     return KnowledgeBase(RagConfig(knowledge_dir=cfg.rag_dir, top_k=cfg.rag_top_k))
 
 
+def _exit_now(*_) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def serve(cfg: ServeConfig) -> None:
     """Load the model and serve until interrupted (Ctrl-C, SIGTERM)."""
     import uvicorn
@@ -187,10 +195,24 @@ def serve(cfg: ServeConfig) -> None:
           f" as '{cfg.served_model_name}' on http://{cfg.host}:{cfg.port} (docs: /docs, chat page: /)"
           + ("; API key required" if (cfg.api_key or os.environ.get("CONCH_API_KEY")) else "")
           + (f"; RAG over {knowledge.summary()['files']} files in {cfg.rag_dir}" if knowledge else ""), flush=True)
-    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the handler it
-    # found installed: make that handler a clean exit, so `kill` / Ctrl-C end with exit code 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # timeout_graceful_shutdown: requests still running after the drain time are cancelled (their
-    # handlers cancel the engine's work), so a SIGTERM ends the process in bounded time
-    uvicorn.run(create_app(cfg, knowledge=knowledge), host=cfg.host, port=cfg.port, log_level="info",
-                timeout_graceful_shutdown=cfg.shutdown_drain_s)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (the drain, then the lifespan's shutdown), then
+    # re-raises the signal with the handler it found installed: make that handler a clean, immediate
+    # exit (code 0). Everything is shut down by then; the interpreter's own teardown (garbage-collecting
+    # the torch/transformers heap) took another 9-27 s on a busy 2-core machine, so skip it.
+    signal.signal(signal.SIGTERM, _exit_now)
+    app = create_app(cfg, knowledge=knowledge)
+    # the drain: on SIGTERM, requests still running after shutdown_drain_s end with 503 ("shutting
+    # down"); uvicorn's own timeout cancels whatever is left a few seconds later
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+                                           timeout_graceful_shutdown=cfg.shutdown_drain_s + 5))
+    handle_exit = server.handle_exit
+
+    def on_signal(sig, frame):
+        if not server.should_exit:
+            drain = threading.Timer(cfg.shutdown_drain_s, app.state.stop_engine)
+            drain.daemon = True
+            drain.start()
+        handle_exit(sig, frame)
+
+    server.handle_exit = on_signal
+    server.run()

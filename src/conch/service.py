@@ -46,8 +46,10 @@ class Prepared:
 
 def outcome_error(outcome) -> APIError:
     """The HTTP error for a generation that did not end normally."""
-    return APIError(STATUS[outcome.finish_reason], outcome.message or "the request did not finish.",
-                    "invalid_request_error" if outcome.finish_reason == "cancelled" else "server_error")
+    status = STATUS[outcome.finish_reason]
+    return APIError(status, outcome.message or "the request did not finish.",
+                    "invalid_request_error" if status == 499 else "server_error",
+                    {"Retry-After": "2"} if status == 503 else None)
 
 
 class ChatService:
