@@ -115,7 +115,7 @@ def test_bad_input_is_4xx_with_one_sentence(demo_server):
         {"messages": [{"role": "wizard", "content": "hi"}]},
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
         {"messages": [{"role": "user", "content": "hi"}], "temperature": 5},
-        {"messages": [{"role": "user", "content": "hi"}], "n": 3},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 5},  # up to 4 choices
         {"messages": [{"role": "system", "content": "only a system prompt"}]},
         {"messages": [{"role": "user", "content": "hi"}], "stop": ["", "x"]},
     ]
