@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConchError
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from .reasoning import THINK_CLOSE, THINK_OPEN, cut_at_stop, prompt_opens_think, split_reasoning  # noqa: F401
 
 
 @dataclass
@@ -66,29 +65,6 @@ def render_prompt(tokenizer, messages: Messages) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def split_reasoning(text: str, prompt_opened_think: bool = False) -> tuple[str, str]:
-    """Split generated text into (reasoning, answer).
-
-    R1's generation prompt already ends in ``<think>\\n``, so its output starts *inside* the
-    think block: ``…reasoning…</think>\\n\\nanswer``. Other models may write the whole
-    ``<think>…</think>`` themselves, or nothing at all.
-    """
-    opened = prompt_opened_think
-    stripped = text.lstrip()
-    if stripped.startswith(THINK_OPEN):
-        opened, text = True, stripped[len(THINK_OPEN):]
-    if THINK_CLOSE in text:
-        reasoning, answer = text.split(THINK_CLOSE, 1)
-        return reasoning.strip(), answer.strip()
-    if opened:  # unclosed: the model was still thinking when it stopped
-        return text.strip(), ""
-    return "", text.strip()
-
-
-def prompt_opens_think(prompt: str) -> bool:
-    return prompt.rstrip().endswith(THINK_OPEN)
-
-
 def sampling_kwargs(model, gen: GenConfig) -> dict:
     """generate() kwargs: the model's own defaults unless the caller overrides them."""
     defaults = model.generation_config
@@ -112,11 +88,6 @@ def _generate_kwargs(model, tokenizer, gen: GenConfig) -> dict:
 
         torch.manual_seed(gen.seed)
     return kwargs
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    cuts = [text.index(s) for s in stop if s and s in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 def generate(model, tokenizer, prompts: list[str | Messages] | str | Messages,
@@ -146,7 +117,7 @@ def generate(model, tokenizer, prompts: list[str | Messages] | str | Messages,
         ended = next((j for j, t in enumerate(row) if t in eos), None)
         ids = row[:ended] if ended is not None else [t for t in row if t != tokenizer.pad_token_id]
         # a cut at max_new_tokens can end inside a multi-byte character: drop the half character
-        text, stopped = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd"), gen.stop)
+        text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd"), gen.stop)
         reasoning, answer = split_reasoning(text, prompt_opens_think(texts[i]))
         finish = "stop" if ended is not None or stopped or len(ids) < gen.max_new_tokens else "length"
         replies.append(Reply(text, reasoning, answer, int(enc["attention_mask"][i].sum()), len(ids), finish))
@@ -186,7 +157,7 @@ def stream(model, tokenizer, question: str | Messages, gen: GenConfig | None = N
     seen = ""
     for piece in streamer:
         seen += piece
-        cut, stopped = _cut_at_stop(seen, gen.stop)
+        cut, stopped = cut_at_stop(seen, gen.stop)
         if stopped:
             yield cut[len(seen) - len(piece):] if len(cut) > len(seen) - len(piece) else ""
             break

@@ -1,31 +1,37 @@
-"""The serving engine: one worker thread owns the model and generates for many requests at once.
+"""The built-in serving engine: one worker thread owns the model and generates for many requests at once.
 
 Continuous batching, the way vLLM and TGI do it, in plain PyTorch on transformers' KV cache:
 
 - requests wait in a bounded queue (full: `QueueFull`, which the server turns into 503);
 - between two decoding steps the worker admits waiting requests: it runs their prompts
-  (prefill, left-padded) and joins their KV cache to the running batch;
-- every step decodes one token for every running request, each with its own temperature,
-  top_p, max_tokens and stop strings;
+  (prefill, left-padded) and joins their KV cache to the running batch; a prefill that fails
+  fails exactly the requests it was reading, and the batch keeps going;
+- every step decodes one token for every running request, each with its own `SamplingParams`
+  and its own random generator;
 - a request that finishes (end token, stop string, max_tokens), is cancelled (client gone) or
   runs out of time leaves the batch at once, and its rows leave the cache.
 
-Each request receives its text through `Request.events`: ``("delta", text)`` pieces, then
-``("done", finish_reason)`` or ``("error", message)``. The pieces are safe to show: a partial
-UTF-8 character or a partial stop string is held back until it is complete.
+The interface the server uses (and a second engine, e.g. vLLM, would implement): ``generate(prompt_ids,
+params, timeout_s)`` returns a `Generation`, an async iterator of `Event` s: text pieces (safe to
+show: a partial character or a partial stop string is held back), then one `Outcome`.
+Underneath, the worker calls each request's one callback, ``on_event``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 
 from .chat import eos_ids
+from .reasoning import cut_at_stop, held_back
+from .sampling import Detokenizer, SamplingParams, apply_penalties, sample, token_logprobs
 
 
 class QueueFull(Exception):
@@ -33,57 +39,122 @@ class QueueFull(Exception):
 
 
 @dataclass
+class Outcome:
+    """How a request ended. ``finish_reason``: stop | length | cancelled | timeout | error | shutdown."""
+
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.finish_reason in ("stop", "length")
+
+
+@dataclass
+class Event:
+    text: str = ""
+    logprobs: list = field(default_factory=list)  # [(token_id, logprob, [(id, logprob), …])] for `text`
+    outcome: Outcome | None = None  # set on the last event only
+
+
+@dataclass
 class Request:
     prompt_ids: list[int]
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
     timeout_s: float = 120.0
+    on_event: Callable[[Event], None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
-    events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the worker
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already sent
-    finish_reason: str | None = None
+    pending_logprobs: list = field(default_factory=list)
+    outcome: Outcome | None = None
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    generator: torch.Generator | None = None
+    detokenizer: Detokenizer | None = None
 
-    listener: object = None  # called with each event too (the server bridges them into asyncio)
-    inbox: object = None  # the server's asyncio.Queue for this request
-
-    def send(self, kind: str, value) -> None:
-        self.events.put((kind, value))
-        if self.listener is not None:
-            self.listener((kind, value))
+    def send(self, event: Event) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - a listener that went away must not stop the worker
+                pass
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
+class TextEngine(Protocol):
+    """What the server needs from an engine."""
+
+    queue_depth: int
+    active: int
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float) -> "Generation": ...
+
+    def shutdown(self) -> None: ...
+
+
+class Generation:
+    """One request's events as an async iterator; ends after the event that carries the `Outcome`."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        loop, self._queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.request = request
+
+        def post(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the event loop has closed
+                pass
+
+        request.on_event = post
+        engine.add(request)  # QueueFull here, before anything was awaited
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.request.outcome is not None and self._queue.empty():
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event.outcome is not None:
+            self.request.outcome = event.outcome
+        return event
+
+    def cancel(self) -> None:
+        self.request.cancel()
+
+
 class Engine:
-    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64, seed: int | None = None):
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64, start: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.eos = set(eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos))
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
-        self.generator = torch.Generator(device=model.device)
-        if seed is not None:
-            self.generator.manual_seed(seed)
         self._stop = threading.Event()
         self._cache = self._mask = self._lengths = self._next = None
         self.steps = 0
         self.prefilling = 0
         self.worker = threading.Thread(target=self._loop, name="conch-engine", daemon=True)
-        self.worker.start()
+        if start:  # start=False: the caller drives `admit` and `step` itself (bench/serve_throughput.py)
+            self.worker.start()
 
     # -- public ---------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Request:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float = 120.0) -> Generation:
+        return Generation(self, Request(prompt_ids, params, timeout_s))
+
+    def add(self, request: Request) -> Request:
+        if self._stop.is_set():
+            raise QueueFull("the engine is shutting down")
         if self.waiting.qsize() >= self.max_queue:
             raise QueueFull(f"{self.waiting.qsize()} requests are already waiting")
         self.waiting.put(request)
@@ -98,9 +169,14 @@ class Engine:
         """Requests being generated, including those whose prompt is being read right now."""
         return len(self.running) + self.prefilling
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10) -> None:
+        """Stop the worker; every request still waiting or running ends as ``cancelled``."""
         self._stop.set()
-        self.worker.join(timeout=10)
+        if self.worker.is_alive():
+            self.worker.join(timeout=timeout_s)
+        for r in self.running + self._take(self.waiting.qsize()):
+            self._end(r, "shutdown", "the server is shutting down; retry in a moment.")
+        self.running, self._cache = [], None
 
     # -- the worker -----------------------------------------------------------------------------
 
@@ -112,14 +188,14 @@ class Engine:
                         first = self.waiting.get(timeout=0.05)
                     except queue.Empty:
                         continue
-                    self._admit([first] + self._take(self.max_batch_size - 1))
+                    self.admit([first] + self._take(self.max_batch_size - 1))
                 elif len(self.running) < self.max_batch_size and not self.waiting.empty():
-                    self._admit(self._take(self.max_batch_size - len(self.running)))
+                    self.admit(self._take(self.max_batch_size - len(self.running)))
                 if self.running:
-                    self._step()
-            except Exception as e:  # never die silently: fail the running requests, keep serving
+                    self.step()
+            except Exception as e:  # a decoding step failed: fail the running requests, keep serving
                 for r in self.running:
-                    r.send("error", f"generation failed: {type(e).__name__}: {e}")
+                    self._end(r, "error", f"generation failed: {type(e).__name__}: {e}")
                 self.running, self._cache = [], None
 
     def _take(self, n: int) -> list[Request]:
@@ -132,7 +208,7 @@ class Engine:
         return taken
 
     @torch.inference_mode()
-    def _admit(self, new: list[Request]) -> None:
+    def admit(self, new: list[Request]) -> None:
         """Prefill the new requests' prompts and join them to the running batch."""
         new = [r for r in new if not self._expired(r)]
         if not new:
@@ -140,6 +216,9 @@ class Engine:
         self.prefilling = len(new)
         try:
             self._prefill(new)
+        except Exception as e:  # noqa: BLE001 - only these requests fail; the running batch is untouched
+            for r in new:
+                self._end(r, "error", f"reading the prompt failed: {type(e).__name__}: {e}")
         finally:
             self.prefilling = 0
 
@@ -160,6 +239,9 @@ class Engine:
                          use_cache=True)
         lengths = mask.sum(-1)
         next_logits = out.logits[:, -1, :].float()
+        for r in new:
+            r.generator = r.params.generator(device)
+            r.detokenizer = Detokenizer(self.tokenizer)
         if self.running:
             self._cache, self._mask = _join(self._cache, self._mask, cache, mask)
             self._lengths = torch.cat([self._lengths, lengths])
@@ -169,23 +251,30 @@ class Engine:
         self.running += new
 
     @torch.inference_mode()
-    def _step(self) -> None:
+    def step(self) -> None:
         """Sample one token for every running request, then run the model on them."""
-        tokens = self._sample(self._next)
+        logits = self._next
+        penalized = logits
+        if any(r.params.penalized for r in self.running):
+            penalized = torch.stack([apply_penalties(logits[i], r.params, r.prompt_ids, r.tokens)
+                                     if r.params.penalized else logits[i] for i, r in enumerate(self.running)])
+        tokens = sample(penalized, [r.params for r in self.running], [r.generator for r in self.running])
         keep = []
         for i, (r, token) in enumerate(zip(self.running, tokens.tolist())):
-            if self._expired(r) or r.cancelled.is_set():
+            if self._expired(r):
                 continue
             if r.first_token_at is None:
                 r.first_token_at = time.monotonic()
             if token in self.eos:
-                self._finish(r, "stop")
+                self._end(r, "stop")
                 continue
             r.tokens.append(token)
-            if self._emit(r):  # a stop string ended it
+            if r.params.logprobs:
+                r.pending_logprobs.append((token, *token_logprobs(logits[i], token, r.params.top_logprobs)))
+            if self._emit(r, r.detokenizer.add(token)):  # a stop string ended it
                 continue
-            if len(r.tokens) >= r.max_tokens:
-                self._finish(r, "length")
+            if len(r.tokens) >= r.params.max_tokens:
+                self._end(r, "length")
                 continue
             keep.append(i)
         if len(keep) < len(self.running):
@@ -205,56 +294,34 @@ class Engine:
         self._next = out.logits[:, -1, :].float()
         self.steps += 1
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        temps = torch.tensor([r.temperature for r in self.running], device=logits.device)
-        greedy = logits.argmax(-1)
-        if not (temps > 0).any():
-            return greedy
-        top_p = torch.tensor([r.top_p for r in self.running], device=logits.device)
-        probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], -1)
-        sorted_probs, order = probs.sort(-1, descending=True)
-        # keep the smallest set of tokens whose probability reaches top_p (always the first)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
-        sorted_probs = sorted_probs.masked_fill(outside, 0)
-        choice = torch.multinomial(sorted_probs, 1, generator=self.generator).squeeze(-1)
-        sampled = order.gather(-1, choice[:, None]).squeeze(-1)
-        return torch.where(temps > 0, sampled, greedy)
-
-    def _emit(self, r: Request) -> bool:
-        """Decode the request's tokens; send what is safe to show. True when a stop string ended it."""
-        r.text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-        for s in r.stop:
-            if s and s in r.text:
-                r.text = r.text[: r.text.index(s)]
-                self._finish(r, "stop")
-                return True
-        safe = len(r.text)
-        if r.text.endswith("\ufffd"):  # half a multi-byte character
-            safe = len(r.text.rstrip("\ufffd"))
-        for s in r.stop:  # hold back a possible beginning of a stop string
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if r.text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
+    def _emit(self, r: Request, piece: str) -> bool:
+        """Add a decoded piece; send what is safe to show. True when a stop string ended the request."""
+        checked, r.text = len(r.text), r.text + piece
+        r.text, stopped = cut_at_stop(r.text, r.params.stop, checked)
+        if stopped:
+            self._end(r, "stop")
+            return True
+        safe = len(r.text) - held_back(r.text, r.params.stop)
         if safe > r.sent:
-            r.send("delta", r.text[r.sent:safe])
-            r.sent = safe
+            r.send(Event(r.text[r.sent:safe], r.pending_logprobs))
+            r.sent, r.pending_logprobs = safe, []
         return False
 
-    def _finish(self, r: Request, reason: str) -> None:
-        r.text = r.text.rstrip("\ufffd")
-        if len(r.text) > r.sent:
-            r.send("delta", r.text[r.sent:])
-            r.sent = len(r.text)
-        r.finish_reason = reason
-        r.send("done", reason)
+    def _end(self, r: Request, reason: str, message: str = "") -> None:
+        if r.outcome is not None:
+            return
+        if reason in ("stop", "length") and len(r.text) > r.sent:
+            r.send(Event(r.text[r.sent:], r.pending_logprobs))
+            r.sent, r.pending_logprobs = len(r.text), []
+        r.outcome = Outcome(reason, len(r.prompt_ids), len(r.tokens), message)
+        r.send(Event(logprobs=r.pending_logprobs, outcome=r.outcome))
 
     def _expired(self, r: Request) -> bool:
         if r.cancelled.is_set():
+            self._end(r, "cancelled", "the request was cancelled.")
             return True
         if time.monotonic() - r.created > r.timeout_s:
-            r.send("error", f"the request took longer than its {r.timeout_s:g} s timeout.")
-            r.cancel()
+            self._end(r, "timeout", f"the request took longer than its {r.timeout_s:g} s timeout.")
             return True
         return False
 
