@@ -216,6 +216,7 @@ def profile_engine(folder: Path, sizes: list[int]) -> list[dict]:
 
     from conch import chat
     from conch.engine import Engine, Request
+    from conch.sampling import SamplingParams
 
     model, tokenizer = chat.load(folder)
     cuda = model.device.type == "cuda"
@@ -237,17 +238,16 @@ def profile_engine(folder: Path, sizes: list[int]) -> list[dict]:
     questions = prompts()
     rows = []
     for size in sizes:
-        engine = Engine(model, tokenizer, max_batch_size=size, max_queue=10**6)
-        engine.shutdown()  # no worker thread: this function drives the steps
+        engine = Engine(model, tokenizer, max_batch_size=size, max_queue=10**6, start=False)  # we drive the steps
         engine.model = timed = TimedModel(model)
         ids = [tokenizer(chat.render_prompt(tokenizer, chat.to_messages(q)), add_special_tokens=False)["input_ids"]
                for q in questions]
         for warm in (True, False):
-            requests = [Request(ids[i % len(ids)], max_tokens=args.max_tokens, temperature=0.0, timeout_s=3600)
-                        for i in range(size)]
+            requests = [Request(ids[i % len(ids)], SamplingParams(max_tokens=args.max_tokens, temperature=0.0),
+                                timeout_s=3600) for i in range(size)]
             timed.seconds = 0.0
             started = time.perf_counter()
-            engine._admit(requests)
+            engine.admit(requests)
             sync()
             admit_s = time.perf_counter() - started
             timed.seconds, steps = 0.0, 0
@@ -255,7 +255,7 @@ def profile_engine(folder: Path, sizes: list[int]) -> list[dict]:
             profiler.enable()
             started = time.perf_counter()
             while engine.running:
-                engine._step()
+                engine.step()
                 steps += 1
             sync()
             decode_s = time.perf_counter() - started
@@ -270,7 +270,7 @@ def profile_engine(folder: Path, sizes: list[int]) -> list[dict]:
                    "admit_s": admit_s, "steps": steps, "tokens": tokens, "decode_s": decode_s,
                    "tokens_per_s": tokens / decode_s, "step_ms": 1000 * decode_s / steps,
                    "forward_ms": 1000 * timed.seconds / steps,
-                   "emit_decode_ms": 1000 * top("_emit") / steps, "sample_ms": 1000 * top("_sample") / steps,
+                   "emit_decode_ms": 1000 * top("_emit") / steps, "sample_ms": 1000 * top("sample") / steps,
                    "trim_ms": 1000 * top("_trim") / steps}
             row["other_ms"] = row["step_ms"] - row["forward_ms"] - row["emit_decode_ms"] - row["sample_ms"]
             rows.append(row)

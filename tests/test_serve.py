@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -159,10 +161,12 @@ def test_r1_reasoning_is_split_off(r1_server):
     message = httpx.post(r1_server + "/v1/chat/completions", json=ask, headers=headers).json()["choices"][0]["message"]
     # R1's prompt opens <think>; the random tiny model never closes it: all of it is reasoning
     assert message["content"] == "" and message["reasoning_content"]
+    assert message["reasoning"] == message["reasoning_content"]  # vLLM's name and DeepSeek's
     with httpx.stream("POST", r1_server + "/v1/chat/completions", json={**ask, "stream": True}, headers=headers) as r:
         deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines()
                   if line.startswith("data: {")]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert "".join(d.get("reasoning", "") for d in deltas) == message["reasoning_content"]
     generated = httpx.get(r1_server + "/generate", params={"prompt": "你是谁？", "max_new_tokens": 6,
                                                           "temperature": 0}, headers=headers).json()
     assert generated["generated_text"] == "" and generated["reasoning"] == message["reasoning_content"]
@@ -243,3 +247,154 @@ def test_cors_allows_only_the_configured_origins(demo_server):
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
     other = httpx.options(demo_server + "/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
+
+
+# ---------------------------------------------------------------------------------------------
+# faults found by trying the server as a new user would
+
+
+def test_a_plain_request_whose_client_gave_up_frees_its_slot(r1_server):
+    """A RestTemplate read timeout: the generation must stop, not run on as an orphan.
+
+    The tiny model makes tokens every few milliseconds: a server that looks for the disconnect only
+    after a pause between tokens never sees it.
+    """
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
+            "max_tokens": 2000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(r1_server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=1))
+    deadline = time.time() + 1.5
+    while httpx.get(r1_server + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(r1_server + "/health").json()["running"] == 0
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"stream": "yes"}, "stream"), ({"temperature": "0.5"}, "temperature"), ({"max_tokens": 8.5}, "max_tokens"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"user": "bob"}, "user"), ({"n": 9}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_strict_types_and_no_silently_ignored_field(demo_server, extra, field):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    r = httpx.post(demo_server + "/v1/chat/completions", json=body, timeout=30)
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and field in message and message.endswith(".") and "\n" not in message, message
+
+
+def test_n_seed_penalties_and_logprobs(demo_server):
+    ask = {"messages": [{"role": "user", "content": "Name a sea animal."}], "max_tokens": 8,
+           "temperature": 1.0, "seed": 42, "n": 2, "logprobs": True, "top_logprobs": 2,
+           "frequency_penalty": 0.5, "presence_penalty": 0.5, "repetition_penalty": 1.1}
+    one = httpx.post(demo_server + "/v1/chat/completions", json=ask, timeout=120).json()
+    two = httpx.post(demo_server + "/v1/chat/completions", json=ask, timeout=120).json()
+    texts = [c["message"]["content"] for c in one["choices"]]
+    assert [c["index"] for c in one["choices"]] == [0, 1] and all(texts)
+    assert texts == [c["message"]["content"] for c in two["choices"]]  # the same seed, the same answers
+    for choice in one["choices"]:
+        entries = choice["logprobs"]["content"]
+        assert 0 < len(entries) <= 8 and all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in entries)
+        assert entries[0]["top_logprobs"][0]["logprob"] >= entries[0]["top_logprobs"][1]["logprob"]
+    assert one["usage"]["completion_tokens"] == sum(len(c["logprobs"]["content"]) for c in one["choices"])
+    with httpx.stream("POST", demo_server + "/v1/chat/completions", json={**ask, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = ["", ""]
+    for c in chunks:
+        for choice in c["choices"]:
+            streamed[choice["index"]] += choice["delta"].get("content") or ""
+    assert [s.strip() for s in streamed] == texts
+
+
+def test_metrics(demo_server):
+    httpx.post(demo_server + "/v1/chat/completions", timeout=60,
+               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
+    r = httpx.get(demo_server + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    for name in ("conch_requests_total{", "conch_generation_tokens_total", "conch_prompt_tokens_total",
+                 "conch_queue_depth", "conch_running_requests", "conch_time_to_first_token_seconds_bucket",
+                 "conch_request_latency_seconds_bucket", "conch_rejected_requests_total{"):
+        assert name in r.text, name
+    done = sum(float(line.split()[-1]) for line in r.text.splitlines()
+               if line.startswith("conch_requests_total{") and ('"stop"' in line or '"length"' in line))
+    assert done >= 1
+
+
+def test_sigterm_drains_in_bounded_time(demo_path):
+    """A request still generating at SIGTERM is cancelled after the drain time; the exit stays clean."""
+    import threading
+
+    from conch.serve import BackgroundServer
+
+    server = BackgroundServer(demo_path, "--shutdown_drain_s", "1", env={"CONCH_THREADS": "1"}).start()
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
+            "max_tokens": 2000, "temperature": 0.8}
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).status_code), daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while httpx.get(server.url + "/health").json()["running"] == 0 and time.time() < deadline:
+        time.sleep(0.1)
+    started = time.time()
+    assert server.stop() == 0
+    assert time.time() - started < 10, time.time() - started
+    thread.join(10)
+    assert not results or results[0] != 200  # it did not run to its 2000 tokens
+
+
+def test_client_never_resends_after_a_read_timeout_and_reads_http_date_retry_after(monkeypatch):
+    from email.utils import formatdate
+
+    from conch import client as client_module
+    from conch.client import ConchClient
+
+    calls, slept = [], []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+
+    def timeout(request):
+        calls.append(request.url.path)
+        raise httpx.ReadTimeout("no answer yet", request=request)
+
+    with ConchClient("http://conch.test", transport=httpx.MockTransport(timeout), max_retries=3) as conch:
+        with pytest.raises(httpx.ReadTimeout):
+            conch.ask("hi")
+    assert len(calls) == 1  # the server may still be generating: sending again would generate twice
+
+    answers = iter([httpx.Response(503, headers={"Retry-After": formatdate(time.time() + 30, usegmt=True)},
+                                   json={"error": {"message": "busy."}}),
+                    httpx.Response(200, json={"status": "ok"})])
+    with ConchClient("http://conch.test", transport=httpx.MockTransport(lambda r: next(answers))) as conch:
+        assert conch.health() == {"status": "ok"}
+    assert 25 < slept[0] < 31, slept
+
+    refused = []
+
+    def refuse(request):
+        refused.append(1)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with ConchClient("http://conch.test", transport=httpx.MockTransport(refuse), max_retries=2) as conch:
+        with pytest.raises(httpx.ConnectError):
+            conch.health()
+    assert len(refused) == 3  # never reached the server: safe to retry
+
+
+def test_background_server_closes_its_log_and_registers_one_exit_hook(tmp_path, monkeypatch):
+    from conch import launch
+    from conch.errors import ConchError
+    from conch.serve import BackgroundServer
+
+    hooks = []
+    monkeypatch.setattr(launch.atexit, "register", hooks.append)
+    monkeypatch.setattr(launch.atexit, "unregister", hooks.remove)
+    log = tmp_path / "serve.log"
+    server = BackgroundServer(tmp_path / "no_such_model", log=log, env={"CONCH_THREADS": "1"})
+    for _ in range(2):
+        with pytest.raises(ConchError, match="exited"):
+            server.start()
+        assert len(hooks) <= 1
+    server.stop()
+    assert hooks == []
+    open_files = [Path(f"/proc/self/fd/{fd}").resolve() for fd in os.listdir("/proc/self/fd")]
+    assert log.resolve() not in open_files

@@ -16,6 +16,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Iterator
 
 import httpx
@@ -36,27 +37,42 @@ class Answer:
     sources: list[dict] | None = None  # RAG mode: the passages the answer was based on
 
 
+def retry_after(response: httpx.Response | None, attempt: int) -> float:
+    """Seconds to wait: the response's Retry-After (seconds or an HTTP date), else 1, 2, 4, … s."""
+    value = response.headers.get("retry-after") if response is not None else None
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    return float(2 ** attempt)
+
+
 class ConchClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 120,
-                 max_retries: int = 2):
-        """``max_retries``: how often a 503 (server busy) or a failed connection is retried, after the
-        server's Retry-After (or 1 s, 2 s, …) plus jitter. 4xx errors are never retried."""
+                 max_retries: int = 2, transport: httpx.BaseTransport | None = None):
+        """``max_retries``: how often a 503 (server busy) or a connection that never opened is retried,
+        after the server's Retry-After (seconds or an HTTP date; else 1 s, 2 s, …) plus jitter. Nothing
+        else is retried: after a read timeout the server may still be generating, and sending the
+        request again would generate twice. 4xx errors are never retried."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self.max_retries = max_retries
 
     def _send(self, method: str, path: str, **kw) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
             try:
                 response = self.http.request(method, path, **kw)
-            except httpx.TransportError:
+            except (httpx.ConnectError, httpx.ConnectTimeout):  # the request never reached the server
                 if attempt == self.max_retries:
                     raise
                 response = None
             if response is not None and (response.status_code != 503 or attempt == self.max_retries):
                 return self._check(response)
-            wait = float(response.headers.get("retry-after", 2 ** attempt)) if response is not None else 2 ** attempt
-            time.sleep(wait + random.uniform(0, 0.5))
+            time.sleep(retry_after(response, attempt) + random.uniform(0, 0.5))
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -96,7 +112,8 @@ class ConchClient:
         body = {"messages": self._messages(question, system), **params}
         data = self._send("POST", "/v1/chat/completions", json=body).json()
         choice = data["choices"][0]
-        return Answer(choice["message"]["content"], choice["message"].get("reasoning_content") or "",
+        message = choice["message"]
+        return Answer(message["content"], message.get("reasoning_content") or message.get("reasoning") or "",
                       choice["finish_reason"], data["usage"], data.get("sources"))
 
     def ask(self, question: str | list[dict], **params) -> str:
@@ -115,7 +132,7 @@ class ConchClient:
                     continue
                 event = json.loads(line[6:])
                 if "error" in event:
-                    raise ConchAPIError(500, event["error"]["message"])
+                    raise ConchAPIError(event["error"].get("code", 500), event["error"]["message"])
                 for choice in event.get("choices", []):
                     delta = choice.get("delta", {})
                     if reasoning and delta.get("reasoning_content"):
