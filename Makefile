@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 run: $(STAMP)
 	$(PY) -m conch run
 
-test: $(STAMP)
+# the server tests run on both engines: vLLM's from .venv-vllm (`make vllm`, about 5 minutes once)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
 lab: $(STAMP)
