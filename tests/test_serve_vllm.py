@@ -248,3 +248,84 @@ def test_full_queue_answers_503(vllm):
     assert codes.count(200) == 6 and codes.count(503) == 4, codes
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "2" and "busy" in busy.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# conch.engine_vllm without vLLM: its generations against a stand-in for vLLM's AsyncLLM
+
+
+class FakeLLM:
+    """Yields vLLM-shaped delta outputs: 'Hi', ' there', then the end token (finish_reason stop)."""
+
+    def __init__(self, pause=0.0):
+        self.pause, self.aborted = pause, []
+
+    async def generate(self, prompt, params, request_id):
+        from types import SimpleNamespace as NS
+
+        lp = lambda t: {t: NS(logprob=-0.5, rank=1), 99: NS(logprob=-1.5, rank=2)}  # noqa: E731
+        steps = [("Hi", [5], None), (" there", [6], None), ("", [2], "stop")]
+        try:
+            for text, ids, finish in steps:
+                await asyncio.sleep(self.pause)
+                out = NS(text=text, token_ids=ids, logprobs=[lp(i) for i in ids], finish_reason=finish,
+                         stop_reason=None)
+                yield NS(outputs=[out], finished=finish is not None)
+        except asyncio.CancelledError:
+            self.aborted.append(request_id)  # vLLM's generate() aborts the request here
+            raise
+
+
+def fake_engine(llm, max_batch_size=1, max_queue=1):
+    from conch.engine_vllm import VLLMEngine
+
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.max_batch_size, engine.max_queue = llm, max_batch_size, max_queue
+    engine.running, engine.closing, engine.defaults = set(), False, {}
+    engine._ids = iter(range(100))
+    engine.sampling_params = lambda params: params
+    return engine
+
+
+def test_vllm_generation_events_outcome_and_queue_limit():
+    from conch.engine import QueueFull
+    from conch.sampling import SamplingParams
+
+    async def main():
+        engine = fake_engine(FakeLLM())
+        gen = engine.generate([1, 2, 3], SamplingParams(logprobs=True, top_logprobs=1), 30)
+        engine.generate([1], SamplingParams(), 30)  # one running, one waiting: the third is refused
+        with pytest.raises(QueueFull):
+            engine.generate([1], SamplingParams(), 30)
+        assert (engine.active, engine.queue_depth) == (1, 1)
+        events = [e async for e in gen]
+        return engine, events
+
+    engine, events = asyncio.run(main())
+    assert "".join(e.text for e in events) == "Hi there"
+    outcome = events[-1].outcome
+    # the end token is not counted, nor its logprob sent: as the built-in engine does
+    assert (outcome.finish_reason, outcome.prompt_tokens, outcome.completion_tokens) == ("stop", 3, 2)
+    assert [entry for e in events for entry in e.logprobs] == [(5, -0.5, [(5, -0.5)]), (6, -0.5, [(6, -0.5)])]
+    assert engine.sampling_defaults(None, None) == {"temperature": 1.0, "top_p": 1.0}  # vLLM's, with no config
+    assert engine.sampling_defaults(0, 0.9) == {"temperature": None, "top_p": 0.9}
+
+
+def test_vllm_generation_cancel_and_timeout_abort_the_request():
+    from conch.sampling import SamplingParams
+
+    async def main():
+        llm = FakeLLM(pause=0.2)
+        engine = fake_engine(llm, max_batch_size=4)
+        early = engine.generate([1], SamplingParams(), 30)
+        early.cancel()  # before vLLM ever saw it
+        gone = engine.generate([1], SamplingParams(), 30)
+        slow = engine.generate([1], SamplingParams(), 0.1)
+        await asyncio.sleep(0.3)
+        gone.cancel()
+        outcomes = [[e async for e in g][-1].outcome for g in (early, gone, slow)]
+        return llm, engine, outcomes
+
+    llm, engine, outcomes = asyncio.run(main())
+    assert [o.finish_reason for o in outcomes] == ["cancelled", "cancelled", "timeout"]
+    assert len(llm.aborted) == 2 and engine.running == set()
