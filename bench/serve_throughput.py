@@ -39,7 +39,10 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
 parser.add_argument("--model", default="demo", help=f"demo | tiny | {r1_arch.NAME} | a local model folder")
-parser.add_argument("--servers", default="conch,seeds", help="which servers to run, in order: conch, seeds")
+parser.add_argument("--servers", default="conch,seeds",
+                    help="which servers to run, in order: conch, seeds, conch-vllm (conch serve --engine vllm), "
+                         "vllm (vLLM's own OpenAI server); the last two from --vllm-python")
+parser.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="the Python of `make vllm`")
 parser.add_argument("--concurrency", default="1,4,16", help="concurrency levels (conch)")
 parser.add_argument("--seeds-concurrency", default=None,
                     help="levels for the seeds' server (default: --concurrency); it serves one request at a "
@@ -117,7 +120,8 @@ async def call(client, server: str, url: str, prompt: str) -> dict:
         r.raise_for_status()
         tokens, generate_s = r.json()["completion_tokens"], r.json()["generate_s"]
     else:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens, "temperature": 0,
+        body = {"model": "magic-conch", "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": args.max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
         tokens = None
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -131,7 +135,7 @@ async def call(client, server: str, url: str, prompt: str) -> dict:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
-                if ttft is None and (delta.get("content") or delta.get("reasoning_content")):
+                if ttft is None and (delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")):
                     ttft = time.perf_counter() - started
     return {"latency": time.perf_counter() - started, "ttft": ttft, "tokens": tokens, "generate_s": generate_s}
 
@@ -184,6 +188,18 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
         cmd = [sys.executable, "-m", "conch", "serve", "--model", str(folder), "--host", "127.0.0.1",
                "--port", str(port), "--max_tokens_limit", str(max(2048, args.max_tokens)),
                *shlex.split(args.conch_args)]
+    elif server == "conch-vllm":  # the same server on vLLM, from .venv-vllm
+        cmd = [args.vllm_python, "-m", "conch", "serve", "--engine", "vllm", "--model", str(folder),
+               "--host", "127.0.0.1", "--port", str(port), "--max_tokens_limit", str(max(2048, args.max_tokens)),
+               *shlex.split(args.conch_args)]
+    elif server == "vllm":  # vLLM alone, set up as conch sets it up (see conch.engine_vllm)
+        import torch
+
+        cpu = not torch.cuda.is_available()
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+               "--served-model-name", "magic-conch", "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", "16384", "--max-num-seqs", "16", "--disable-uvicorn-access-log",
+               *(["--dtype", "float32", "--enforce-eager"] if cpu else [])]
     else:
         cmd = [sys.executable, str(HERE / "seeds_server.py"), "--model", str(folder), "--port", str(port)]
         if args.threads:
@@ -191,6 +207,9 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["CONCH_THREADS"] = str(args.threads)
+        if server in ("vllm", "conch-vllm"):  # vLLM binds its worker's threads to these cores
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))[-args.threads:]))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     log = open(Path(args.work_dir) / f"{server}_server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -303,7 +322,7 @@ if args.profile_engine:
 
 def row(lv: Level) -> str:
     ttft = f"{lv.p50_ttft_s:.3f}" if lv.p50_ttft_s is not None else "-"
-    return (f"{lv.server:<7} {lv.concurrency:>4} {lv.requests:>4} {lv.errors:>3} {lv.tokens_per_s:>10,.1f} "
+    return (f"{lv.server:<10} {lv.concurrency:>4} {lv.requests:>4} {lv.errors:>3} {lv.tokens_per_s:>10,.1f} "
             f"{lv.requests_per_s:>7.2f} {lv.p50_latency_s:>7.2f} {lv.p95_latency_s:>7.2f} {ttft:>8} "
             f"{lv.decode_tokens_per_s:>12.1f}")
 
@@ -315,7 +334,7 @@ def save(values: dict) -> None:
         Path(args.out).write_text(json.dumps(report, indent=2))
 
 
-header = f"{'server':<7} {'conc':>4} {'reqs':>4} {'err':>3} {'out tok/s':>10} {'req/s':>7} {'p50 s':>7} " \
+header = f"{'server':<10} {'conc':>4} {'reqs':>4} {'err':>3} {'out tok/s':>10} {'req/s':>7} {'p50 s':>7} " \
          f"{'p95 s':>7} {'TTFT p50':>8} {'stream tok/s':>12}"
 questions = prompts()
 levels: list[Level] = []

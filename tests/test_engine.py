@@ -193,7 +193,8 @@ def test_prepare_runs_blocking_work_off_the_event_loop(tiny):
             time.sleep(0.6)
             return []
 
-    service = ChatService(ServeConfig(), model, tok, SlowKnowledge(), engine=SimpleNamespace())
+    engine = SimpleNamespace(sampling_defaults=lambda temperature, top_p: {"temperature": None, "top_p": None})
+    service = ChatService(ServeConfig(), model, tok, SlowKnowledge(), engine=engine)
     body = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]})
 
     async def main():

@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .chat import eos_ids
+from .chat import GenConfig, eos_ids, sampling_kwargs
 from .reasoning import cut_at_stop, held_back
 from .sampling import Detokenizer, SamplingParams, apply_penalties, sample, token_logprobs
 
@@ -94,8 +94,11 @@ class TextEngine(Protocol):
 
     queue_depth: int
     active: int
+    device: str
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float) -> "Generation": ...
+
+    def sampling_defaults(self, temperature: float | None, top_p: float | None) -> dict: ...
 
     def shutdown(self) -> None: ...
 
@@ -163,6 +166,14 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self.waiting.qsize()
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    def sampling_defaults(self, temperature: float | None, top_p: float | None) -> dict:
+        """Temperature and top_p for a request: the model's generation_config fills in what it left out."""
+        return sampling_kwargs(self.model, GenConfig(temperature=temperature, top_p=top_p))
 
     @property
     def active(self) -> int:

@@ -58,6 +58,7 @@ class ServeConfig:
     system_prompt: str | None = None  # added when a request has no system message
     rag_dir: str | None = None  # a knowledge folder (e.g. data/knowledge): retrieve before answering
     rag_top_k: int = 3  # passages retrieved per question in RAG mode
+    engine: str = "builtin"  # builtin (the teaching engine) | vllm (conch.engine_vllm; in .venv-vllm, `make vllm`)
 
 
 def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
@@ -80,9 +81,15 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
 
     @asynccontextmanager
     async def lifespan(app):
-        m, t = (model, tokenizer) if model is not None else chat.load(cfg.model, cfg.adapter)
         kb = knowledge if knowledge is not None else open_knowledge(cfg)
-        holder["service"] = ChatService(cfg, m, t, kb)
+        if cfg.engine == "vllm" and model is None:  # vLLM loads the weights itself: only the tokenizer here
+            from .engine_vllm import start
+
+            tok, engine = start(cfg)
+            holder["service"] = ChatService(cfg, None, tok, kb, engine=engine)
+        else:
+            m, t = (model, tokenizer) if model is not None else chat.load(cfg.model, cfg.adapter)
+            holder["service"] = ChatService(cfg, m, t, kb)
         yield
         holder["service"].engine.shutdown()
 
@@ -183,6 +190,20 @@ def _exit_now(*_) -> None:
     os._exit(0)
 
 
+def check_engine(cfg: ServeConfig) -> None:
+    """An unknown engine, or vLLM where it is not installed, stops here in one sentence."""
+    if cfg.engine not in ("builtin", "vllm"):
+        raise ConchError(f"engine '{cfg.engine}' is unknown; use --engine builtin (the teaching engine) "
+                         "or --engine vllm (vLLM, installed by `make vllm`).")
+    if cfg.engine == "vllm":
+        from .engine_vllm import require_vllm
+
+        require_vllm()
+        if cfg.adapter:
+            raise ConchError("--adapter is not supported with --engine vllm; merge first (python -m conch merge) "
+                             "and serve the merged folder.")
+
+
 def serve(cfg: ServeConfig) -> None:
     """Load the model and serve until interrupted (Ctrl-C, SIGTERM)."""
     import uvicorn
@@ -190,6 +211,7 @@ def serve(cfg: ServeConfig) -> None:
     if not (Path(cfg.model).is_dir() or cfg.model in ("auto", "demo") or cfg.model.count("/") == 1):
         raise ConchError(f"model {cfg.model} does not exist; merge first (python -m conch merge) or pass "
                          "--model demo / a base model with --adapter.")
+    check_engine(cfg)
     knowledge = open_knowledge(cfg)  # a missing or empty folder stops here, in one sentence
     print(f"serving {cfg.model}" + (f" + {cfg.adapter}" if cfg.adapter else "") +
           f" as '{cfg.served_model_name}' on http://{cfg.host}:{cfg.port} (docs: /docs, chat page: /)"

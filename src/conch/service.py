@@ -83,7 +83,7 @@ class ChatService:
         if rag and self.knowledge is None:
             raise APIError(400, "this server has no knowledge folder; start it with --rag_dir data/knowledge "
                                 "to use rag, or leave 'rag' out.")
-        defaults = chat.sampling_kwargs(self.model, chat.GenConfig(temperature=body.temperature, top_p=body.top_p))
+        defaults = self.engine.sampling_defaults(body.temperature, body.top_p)
         params = SamplingParams(max_tokens=max_tokens, temperature=defaults["temperature"] or 0.0,
                                 top_p=defaults.get("top_p") or 1.0, frequency_penalty=body.frequency_penalty,
                                 presence_penalty=body.presence_penalty, repetition_penalty=body.repetition_penalty,
@@ -255,7 +255,7 @@ class ChatService:
         return completion(f"chatcmpl-{uuid.uuid4().hex[:24]}", self.cfg.served_model_name, out, used, sources)
 
     def health(self) -> dict:
-        body = {"status": "ok", "model": self.cfg.served_model_name, "device": str(self.model.device),
+        body = {"status": "ok", "model": self.cfg.served_model_name, "device": self.engine.device,
                 "queue_depth": self.engine.queue_depth, "running": self.engine.active,
                 "uptime_s": round(time.time() - self.started, 1)}
         if self.knowledge is not None:
