@@ -247,6 +247,9 @@ def test_cors_allows_only_the_configured_origins(demo_server):
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
     other = httpx.options(demo_server + "/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
+    # a page in the browser can read Retry-After on a 503 only if the server exposes it
+    plain = httpx.get(demo_server + "/health", headers={"Origin": "http://localhost:5173"})
+    assert "retry-after" in plain.headers.get("access-control-expose-headers", "").lower()
 
 
 # ---------------------------------------------------------------------------------------------

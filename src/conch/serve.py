@@ -100,7 +100,8 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
     app.state.stop_engine = lambda: holder["service"].engine.shutdown() if "service" in holder else None
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"])  # a page backs off as the server asks
 
     def error(status, message, kind="invalid_request_error", headers=None):
         if "service" in holder and status != 503:  # 503s are counted where they happen
