@@ -284,7 +284,7 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     from trl import DPOConfig, DPOTrainer
 
     from . import hub
-    from .train import (_clock, _progress_callback, _save_adapter_atomically, _yaml, lora_config, memory_report,
+    from .train import (clock, progress_callback, save_adapter_atomically, config_yaml, lora_config, memory_report,
                         plot_mode, read_log, resume_point, training_arguments, training_device)
 
     mode = plot_mode(cfg.plot)
@@ -307,7 +307,7 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
         loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight else []),
         loss_weights=[1.0] + ([cfg.sft_weight] if cfg.sft_weight else []), max_length=cfg.max_length,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs, remove_unused_columns=True)
-    progress = _progress_callback(output_dir, mode, plot=lambda h, title, fig: plot_dpo(h, title=title, fig=fig),
+    progress = progress_callback(output_dir, mode, plot=lambda h, title, fig: plot_dpo(h, title=title, fig=fig),
                                   keys=LOGGED_KEYS)
     with _quiet_datasets():
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=pairs, processing_class=tokenizer,
@@ -322,7 +322,7 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
               f"data: {len(pairs)} preference pairs, beta={cfg.beta}, loss={cfg.loss_type}"
               + (f" + {cfg.sft_weight:g} x SFT loss on the chosen answers" if cfg.sft_weight else "")
               + (f"\nresuming from {resume}" if resume else ""), flush=True)
-        (output_dir / "dpo_config.yaml").write_text(_yaml(dataclasses.asdict(cfg)))
+        (output_dir / "dpo_config.yaml").write_text(config_yaml(dataclasses.asdict(cfg)))
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -341,7 +341,7 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     plot_path = None
     history: list[dict] = []
     if main:
-        _save_adapter_atomically(trainer, output_dir)
+        save_adapter_atomically(trainer, output_dir)
         history = read_log(output_dir)
         if cfg.plot != "off":
             plot_path = output_dir / "dpo.png"
@@ -353,7 +353,7 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
                    "total_params": total, "base_model": resolved.name, "base_model_path": str(resolved.path),
                    "memory": memory}
         (output_dir / "dpo_results.json").write_text(json.dumps(summary, indent=2))
-        print(f"done in {_clock(seconds)}: train loss {metrics.get('train_loss', float('nan')):.4f}; "
+        print(f"done in {clock(seconds)}: train loss {metrics.get('train_loss', float('nan')):.4f}; "
               f"on all {len(pairs)} pairs: reward accuracy {metrics['pair_accuracy']:.3f}, "
               f"margin {metrics['pair_margin']:.3f}\nmemory: {memory}\nadapter saved to {output_dir}", flush=True)
     model = trainer.model

@@ -104,7 +104,7 @@ def in_notebook() -> bool:
         return False
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60}:{seconds % 60:02d}"
@@ -149,7 +149,7 @@ def read_log(output_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, ...] = ()):
+def progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, ...] = ()):
     """``plot(history, title, fig)`` draws the live figure (default: the loss); ``keys`` are extra
     logged values kept in trainer_log.jsonl and printed (DPO's rewards/accuracies, …)."""
     from transformers import TrainerCallback
@@ -187,7 +187,7 @@ def _progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, 
                      "lr": logs.get("learning_rate"), "epoch": round(state.epoch or 0, 2),
                      "grad_norm": logs.get("grad_norm"),
                      "percentage": round(100 * state.global_step / max(state.max_steps, 1), 1),
-                     "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining),
+                     "elapsed_time": clock(elapsed), "remaining_time": clock(remaining),
                      **{k: logs[k] for k in keys if logs.get(k) is not None}}
             if entry["loss"] is None and entry["eval_loss"] is None:
                 return  # the final train summary: reported by train() itself
@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     args = training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
-    progress = _progress_callback(output_dir, mode)
+    progress = progress_callback(output_dir, mode)
     trainer = Trainer(model=model, args=args, train_dataset=as_ds(train_ex), eval_dataset=as_ds(val_ex) if val_ex else None,
                       data_collator=collator(tokenizer, cfg.packing), processing_class=tokenizer,
                       callbacks=[progress] + list(callbacks or []))
@@ -395,7 +395,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
               f"(mean {stats['mean']}, max {stats['max']}), packing={'on' if cfg.packing else 'off'}, "
               f"reasoning={cfg.reasoning}\n"
               f"memory before training: {mem_before}" + (f"\nresuming from {resume}" if resume else ""), flush=True)
-        (output_dir / "train_config.yaml").write_text(_yaml(dataclasses.asdict(cfg)))
+        (output_dir / "train_config.yaml").write_text(config_yaml(dataclasses.asdict(cfg)))
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -413,7 +413,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     plot_path = None
     if main:
-        _save_adapter_atomically(trainer, output_dir)
+        save_adapter_atomically(trainer, output_dir)
         history = read_log(output_dir)
         if cfg.plot != "off":
             plot_path = output_dir / "loss.png"
@@ -426,7 +426,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
                    "total_params": total, "base_model": resolved.name, "base_model_path": str(resolved.path),
                    "memory": memory}
         (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2))
-        print(f"done in {_clock(seconds)}: train loss {metrics.get('train_loss', float('nan')):.4f}"
+        print(f"done in {clock(seconds)}: train loss {metrics.get('train_loss', float('nan')):.4f}"
               + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
               + f"\nmemory: {memory}\nadapter saved to {output_dir}", flush=True)
     else:
@@ -434,7 +434,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     return TrainResult(output_dir, metrics, history, trainable, total, plot_path)
 
 
-def _save_adapter_atomically(trainer, output_dir: Path) -> None:
+def save_adapter_atomically(trainer, output_dir: Path) -> None:
     """Write the adapter to a temporary folder, then move its files into output_dir."""
     tmp = output_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -447,7 +447,7 @@ def _save_adapter_atomically(trainer, output_dir: Path) -> None:
     tmp.rmdir()
 
 
-def _yaml(values: dict) -> str:
+def config_yaml(values: dict) -> str:
     import yaml
 
     return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
