@@ -250,3 +250,25 @@ def test_jsonl_syntax_error_names_its_real_line(tmp_path):
                                            '{"instruction": "x" "output": "b"}\n')
     with pytest.raises(ConchError, match=r"broken.jsonl is not valid JSON: .* at line 4, column 21"):
         data.load_records(str(path))
+
+
+def test_audit_finds_what_trains_without_an_error(tmp_path):
+    rows = [{"instruction": "你们几点开门？", "output": "早上 9 点。"},
+            {"instruction": "你们几点开门？ ", "output": "早上 9 点。"},     # duplicate (whitespace differs)
+            {"instruction": "你们几点开门?", "output": "早上 9 点。"},      # another question (ASCII '?')
+            {"instruction": "你是谁？", "output": "我是神奇海螺。"},
+            {"instruction": "你是谁？", "output": "我是海绵宝宝。"},          # conflict
+            {"instruction": "美味蟹堡多少钱？", "output": "嗯"}]            # short
+    records = data.load_records(str(write(tmp_path, "bad.json", rows)))
+    held_out = data.load_records(str(write(tmp_path, "test.json", [{"instruction": "你是谁？", "output": "x"},
+                                                                   {"instruction": "新问题", "output": "y"}])))
+    found = data.audit(records, held_out)
+    assert found.duplicates == [(0, 1)] and found.conflicts == [(3, 4)]
+    assert found.short_answers == [5] and found.leaks == [(0, 3)] and not found.ok
+    assert "conflicts: [(3, 4)]" in str(found)
+
+
+def test_the_shipped_data_is_clean():
+    found = data.audit(data.load_records("magic_conch"), data.load_records("magic_conch_eval"))
+    assert found.ok, found
+    assert str(found).startswith("clean")
