@@ -272,3 +272,14 @@ def test_the_shipped_data_is_clean():
     found = data.audit(data.load_records("magic_conch"), data.load_records("magic_conch_eval"))
     assert found.ok, found
     assert str(found).startswith("clean")
+
+
+def test_encodings_utf8_with_bom_reads_gbk_ends_in_one_sentence(tmp_path):
+    rows = [{"instruction": "你是谁？", "output": "我是神奇海螺。"}]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False).encode("utf-8"))
+    assert data.load_records(str(bom))[0][-1]["content"] == "我是神奇海螺。"
+    gbk = tmp_path / "gbk.json"
+    gbk.write_bytes(json.dumps(rows, ensure_ascii=False).encode("gbk"))
+    with pytest.raises(ConchError, match=r"gbk.json is not UTF-8 text .* save it as UTF-8"):
+        data.load_records(str(gbk))

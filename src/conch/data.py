@@ -82,8 +82,14 @@ def find_dataset(name: str, dataset_dir: str | Path = "data") -> tuple[Path, dic
 
 
 def read_json(path: Path):
-    """A .json file's value, or a .jsonl file's list of rows; a syntax error names its real line."""
-    text = path.read_text(encoding="utf-8")
+    """A .json file's value, or a .jsonl file's list of rows; a syntax error names its real line.
+    UTF-8 with or without a byte-order mark (Windows Notepad writes one) is read; other encodings
+    (GBK from Excel or an old editor) end in one sentence."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConchError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); save it as UTF-8, e.g. "
+                         f"`iconv -f gbk -t utf-8 {path.name} > fixed.json` for a GBK file.") from None
     offset = 0  # lines before the one being parsed (JSONL parses line by line)
     try:
         if path.suffix != ".jsonl":
