@@ -250,3 +250,36 @@ def test_jsonl_syntax_error_names_its_real_line(tmp_path):
                                            '{"instruction": "x" "output": "b"}\n')
     with pytest.raises(ConchError, match=r"broken.jsonl is not valid JSON: .* at line 4, column 21"):
         data.load_records(str(path))
+
+
+def test_audit_finds_what_trains_without_an_error(tmp_path):
+    rows = [{"instruction": "你们几点开门？", "output": "早上 9 点。"},
+            {"instruction": "你们几点开门？ ", "output": "早上 9 点。"},     # duplicate (whitespace differs)
+            {"instruction": "你们几点开门?", "output": "早上 9 点。"},      # another question (ASCII '?')
+            {"instruction": "你是谁？", "output": "我是神奇海螺。"},
+            {"instruction": "你是谁？", "output": "我是海绵宝宝。"},          # conflict
+            {"instruction": "美味蟹堡多少钱？", "output": "嗯"}]            # short
+    records = data.load_records(str(write(tmp_path, "bad.json", rows)))
+    held_out = data.load_records(str(write(tmp_path, "test.json", [{"instruction": "你是谁？", "output": "x"},
+                                                                   {"instruction": "新问题", "output": "y"}])))
+    found = data.audit(records, held_out)
+    assert found.duplicates == [(0, 1)] and found.conflicts == [(3, 4)]
+    assert found.short_answers == [5] and found.leaks == [(0, 3)] and not found.ok
+    assert "conflicts: [(3, 4)]" in str(found)
+
+
+def test_the_shipped_data_is_clean():
+    found = data.audit(data.load_records("magic_conch"), data.load_records("magic_conch_eval"))
+    assert found.ok, found
+    assert str(found).startswith("clean")
+
+
+def test_encodings_utf8_with_bom_reads_gbk_ends_in_one_sentence(tmp_path):
+    rows = [{"instruction": "你是谁？", "output": "我是神奇海螺。"}]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False).encode("utf-8"))
+    assert data.load_records(str(bom))[0][-1]["content"] == "我是神奇海螺。"
+    gbk = tmp_path / "gbk.json"
+    gbk.write_bytes(json.dumps(rows, ensure_ascii=False).encode("gbk"))
+    with pytest.raises(ConchError, match=r"gbk.json is not UTF-8 text .* save it as UTF-8"):
+        data.load_records(str(gbk))

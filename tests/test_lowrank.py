@@ -83,3 +83,25 @@ def test_plots_draw():
     assert titles[1] == "rank-3 B@A: 600" and titles[0] == "ΔW: 10,000 numbers"
     ax = lowrank.plot_loss_curves({1: np.ones(5), 2: np.linspace(1, 0, 5)})
     assert len(ax.lines) == 2
+
+
+def test_adapter_update_reads_a_peft_adapter(tmp_path):
+    import json
+
+    import pytest
+    from safetensors.numpy import save_file
+
+    from conch.errors import ConchError
+
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(4, 12)).astype(np.float32), rng.normal(size=(10, 4)).astype(np.float32)
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_{}.weight"
+    save_file({key.format("A"): A, key.format("B"): B}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    update = lowrank.adapter_update(tmp_path, layer=1, module="q_proj")
+    assert update.shape == (10, 12) and np.allclose(update, 2 * B.astype(np.float64) @ A)
+    assert np.linalg.matrix_rank(update) == 4
+    with pytest.raises(ConchError, match="layer 0 v_proj"):
+        lowrank.adapter_update(tmp_path, layer=0, module="v_proj")
+    with pytest.raises(ConchError, match="train an adapter first"):
+        lowrank.adapter_update(tmp_path / "missing")

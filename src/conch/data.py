@@ -82,8 +82,14 @@ def find_dataset(name: str, dataset_dir: str | Path = "data") -> tuple[Path, dic
 
 
 def read_json(path: Path):
-    """A .json file's value, or a .jsonl file's list of rows; a syntax error names its real line."""
-    text = path.read_text(encoding="utf-8")
+    """A .json file's value, or a .jsonl file's list of rows; a syntax error names its real line.
+    UTF-8 with or without a byte-order mark (Windows Notepad writes one) is read; other encodings
+    (GBK from Excel or an old editor) end in one sentence."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConchError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); save it as UTF-8, e.g. "
+                         f"`iconv -f gbk -t utf-8 {path.name} > fixed.json` for a GBK file.") from None
     offset = 0  # lines before the one being parsed (JSONL parses line by line)
     try:
         if path.suffix != ".jsonl":
@@ -363,3 +369,50 @@ def split_train_val(examples: list, val_size: float, seed: int) -> tuple[list, l
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
     return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# quality checks that no error catches
+
+
+@dataclass
+class Audit:
+    """Problems that train without an error but make a model worse; each lists record indices."""
+
+    duplicates: list[tuple[int, int]]  # the same question and the same answer twice
+    conflicts: list[tuple[int, int]]  # the same question with two different answers
+    short_answers: list[int]  # answers shorter than ``min_answer_chars``
+    leaks: list[tuple[int, int]]  # (held-out index, training index): a test question seen in training
+
+    @property
+    def ok(self) -> bool:
+        return not (self.duplicates or self.conflicts or self.short_answers or self.leaks)
+
+    def __str__(self) -> str:
+        parts = [f"{name}: {getattr(self, name)}" for name in ("duplicates", "conflicts", "short_answers", "leaks")
+                 if getattr(self, name)]
+        return "clean: no duplicates, conflicts, short answers or leaks" if self.ok else "; ".join(parts)
+
+
+def _question(messages: list[dict]) -> tuple:
+    """Everything before the answer, with whitespace and case normalised."""
+    return tuple((m["role"], " ".join(m["content"].split()).casefold()) for m in messages[:-1])
+
+
+def audit(records: list[list[dict]], held_out: list[list[dict]] | None = None,
+          min_answer_chars: int = 2) -> Audit:
+    """Check records (from ``load_records``) for duplicates, conflicting answers to the same
+    question, near-empty answers, and held-out questions that also appear in training."""
+    first: dict[tuple, int] = {}
+    duplicates, conflicts = [], []
+    for i, messages in enumerate(records):
+        key = _question(messages)
+        if key in first:
+            j = first[key]
+            same = records[j][-1]["content"].strip() == messages[-1]["content"].strip()
+            (duplicates if same else conflicts).append((j, i))
+        else:
+            first[key] = i
+    short = [i for i, m in enumerate(records) if len(m[-1]["content"].strip()) < min_answer_chars]
+    leaks = [(k, first[_question(m)]) for k, m in enumerate(held_out or []) if _question(m) in first]
+    return Audit(duplicates, conflicts, short, leaks)

@@ -157,3 +157,29 @@ def plot_loss_curves(curves: dict, ax=None):
     ax.set_ylabel("relative loss")
     ax.legend(fontsize=8, ncol=2)
     return ax
+
+
+def adapter_update(adapter_dir, layer: int = 0, module: str = "q_proj") -> np.ndarray:
+    """The update (alpha / r) * B @ A that a trained peft LoRA adapter adds to one weight, read
+    from ``adapter_model.safetensors`` and ``adapter_config.json`` (d x k, like the weight)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    from .errors import ConchError
+
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_model.safetensors").exists():
+        raise ConchError(f"{folder} holds no adapter_model.safetensors; train an adapter first (notebook 04).")
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    prefix = f".layers.{layer}."
+    found = {k for k in weights if prefix in k and f".{module}.lora_" in k}
+    a = next((k for k in found if k.endswith("lora_A.weight")), None)
+    b = next((k for k in found if k.endswith("lora_B.weight")), None)
+    if a is None or b is None:
+        raise ConchError(f"{folder} has no LoRA weights for layer {layer} {module}; "
+                         f"its target modules are {config.get('target_modules')}.")
+    scaling = config["lora_alpha"] / config["r"]
+    return scaling * weights[b].astype(np.float64) @ weights[a].astype(np.float64)
