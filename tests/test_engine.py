@@ -187,7 +187,7 @@ def test_prepare_runs_blocking_work_off_the_event_loop(tiny):
     model, tok = tiny
 
     class SlowKnowledge:  # what with_context needs from a KnowledgeBase; its search blocks 0.6 s
-        cfg = SimpleNamespace(max_context_chars=500)
+        cfg = SimpleNamespace(max_context_chars=500, query_turns=3, latest_weight=2)
 
         def context(self, question, k=None):
             time.sleep(0.6)

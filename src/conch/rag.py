@@ -13,6 +13,13 @@ so they stay in files (``data/knowledge/``) and are looked up when a question co
 4. **prompt**: the passages go before the question, with the instruction to answer only from
    them and to say so when they do not hold the answer.
 
+In a conversation the search uses the recent user turns, not only the last one
+(`conversation_query`): after "这周的特价是什么？", the follow-up "那它多少钱？" has no word of
+its own to search with.
+
+Quality is measured twice: retrieval (`hit_rate`: is the right passage in the top k?) and
+answers (`contains_fact` / `score_answers`: does the answer hold the expected fact?).
+
 `KnowledgeBase` hashes the files' contents before every search and rebuilds the index when the
 hash changes (a file edited, added or removed): edit ``promotions.md`` and the next answer uses
 it, with no training.
@@ -55,6 +62,10 @@ class RagConfig:
     # a passage scoring below this share of the best one stays out of the prompt: weak matches
     # distract a small model more than they help it (0 keeps all top_k)
     min_relative_score: float = 0.5
+    # retrieval in a conversation: the last ``query_turns`` user messages, the latest counted
+    # ``latest_weight`` times (1 turn: the last message only)
+    query_turns: int = 3
+    latest_weight: int = 2
 
 
 @dataclass
@@ -186,6 +197,9 @@ class KnowledgeBase:
             raise ConchError(f"min_relative_score must be between 0 and 1, got {self.cfg.min_relative_score}.")
         if self.cfg.chunk_chars < 20:
             raise ConchError(f"chunk_chars must be at least 20, got {self.cfg.chunk_chars}.")
+        if self.cfg.query_turns < 1 or self.cfg.latest_weight < 1:
+            raise ConchError(f"query_turns and latest_weight must be at least 1, got {self.cfg.query_turns} "
+                             f"and {self.cfg.latest_weight}.")
         self.dir = Path(self.cfg.knowledge_dir)
         self.fingerprint: str | None = None  # sha256 of every file's path and content
         self.builds = 0  # how often the index was (re)built
@@ -286,13 +300,35 @@ def build_prompt(question: str, passages: list[Passage], max_context_chars: int 
             f"If they do not contain the answer, say \"{NOT_FOUND_EN}\".\nQuestion: {question}")
 
 
-def with_context(messages: list[dict], kb: KnowledgeBase, k: int | None = None) -> tuple[list[dict], list[Passage]]:
-    """Retrieve for the last user message and replace it with the RAG prompt; earlier turns stay."""
+def conversation_query(messages: list[dict], turns: int = 3, latest_weight: int = 2) -> str:
+    """The text to search with in a conversation: the last ``turns`` user messages, oldest first,
+    the latest repeated ``latest_weight`` times (BM25 counts a repeated word again, so the latest
+    question's words weigh more; a new topic still wins over the old one).
+
+    ``conversation_query([user "这周的特价是什么？", assistant …, user "那它多少钱？"])``
+    → ``"这周的特价是什么？\n那它多少钱？\n那它多少钱？"``: the follow-up alone has only "钱" to
+    search with, which no document contains.
+    """
+    if turns < 1 or latest_weight < 1:
+        raise ConchError(f"turns and latest_weight must be at least 1, got {turns} and {latest_weight}.")
+    asked = [m["content"] for m in messages if m["role"] == "user"]
+    if not asked:
+        raise ConchError("messages must contain a message with role 'user' to retrieve for.")
+    recent = asked[-turns:]
+    return "\n".join(recent[:-1] + [recent[-1]] * latest_weight)
+
+
+def with_context(messages: list[dict], kb: KnowledgeBase, k: int | None = None,
+                 turns: int | None = None) -> tuple[list[dict], list[Passage]]:
+    """Retrieve with the conversation (`conversation_query`: the last ``turns`` user messages, default
+    ``kb.cfg.query_turns``; 1 = the last message only) and replace the last user message with the RAG
+    prompt for it; earlier turns stay as they were."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last is None:
         raise ConchError("messages must contain a message with role 'user' to retrieve for.")
     question = messages[last]["content"]
-    passages = kb.context(question, k)
+    query = conversation_query(messages, kb.cfg.query_turns if turns is None else turns, kb.cfg.latest_weight)
+    passages = kb.context(query, k)
     prompt = build_prompt(question, passages, kb.cfg.max_context_chars)
     return messages[:last] + [{"role": "user", "content": prompt}] + messages[last + 1:], passages
 
@@ -305,12 +341,16 @@ class RagAnswer:
     prompt: str  # the user message the model saw
 
 
-def ask(model, tokenizer, question: str, kb: KnowledgeBase | None, gen=None, k: int | None = None) -> RagAnswer:
-    """Answer ``question`` with retrieval from ``kb``, or without it when ``kb`` is None."""
+def ask(model, tokenizer, question: str, kb: KnowledgeBase | None, gen=None, k: int | None = None,
+        history: list[dict] | None = None) -> RagAnswer:
+    """Answer ``question`` with retrieval from ``kb``, or without it when ``kb`` is None.
+
+    ``history``: the earlier turns (``{"role", "content"}`` messages); retrieval then uses them too.
+    """
     from . import chat
 
     gen = gen or chat.GenConfig(max_new_tokens=96, temperature=0)
-    messages = [{"role": "user", "content": question}]
+    messages = list(history or []) + [{"role": "user", "content": question}]
     passages: list[Passage] = []
     if kb is not None:
         messages, passages = with_context(messages, kb, k)
@@ -323,7 +363,9 @@ def ask(model, tokenizer, question: str, kb: KnowledgeBase | None, gen=None, k: 
 
 
 def load_eval(path: str | Path = "data/knowledge_eval.json") -> list[dict]:
-    """Questions with the passage that should be found: ``{"question", "file", "heading"}``."""
+    """Questions with the passage that should be found: ``{"question", "file", "heading"}``, and
+    optionally the ``fact`` a correct answer contains. ``heading`` (a substring of the passage's
+    heading) and ``fact`` may be lists of alternatives (e.g. the Chinese and the English section)."""
     path = Path(path)
     if not path.exists():
         raise ConchError(f"retrieval eval file {path} does not exist; data/knowledge_eval.json is the example.")
@@ -339,7 +381,16 @@ def load_eval(path: str | Path = "data/knowledge_eval.json") -> list[dict]:
         if missing:
             raise ConchError(f"{path}: record {i} lacks {', '.join(sorted(missing))}; "
                              "each needs question, file and heading.")
+        for key in ("heading", "fact"):
+            value = case.get(key, "x")
+            if not (isinstance(value, str) and value or isinstance(value, list) and value
+                    and all(isinstance(v, str) and v for v in value)):
+                raise ConchError(f"{path}: record {i}: {key} must be a non-empty string or a list of them.")
     return cases
+
+
+def _alternatives(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def hit_rate(kb: KnowledgeBase, cases: list[dict], k: int = 3) -> tuple[float, list[dict]]:
@@ -349,7 +400,74 @@ def hit_rate(kb: KnowledgeBase, cases: list[dict], k: int = 3) -> tuple[float, l
     rows = []
     for case in cases:
         found = kb.search(case["question"], k)
-        rank = next((r for r, p in enumerate(found, 1)
-                     if p.file == case["file"] and case["heading"] in p.heading), None)
+        rank = next((r for r, p in enumerate(found, 1) if p.file == case["file"]
+                     and any(h in p.heading for h in _alternatives(case["heading"]))), None)
         rows.append({**case, "rank": rank, "top": [f"{p.file} › {p.heading}" for p in found]})
     return sum(r["rank"] is not None for r in rows) / len(rows), rows
+
+
+# ---------------------------------------------------------------------------------------------
+# answer quality
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_QUOTES = re.compile(r"[\s「」『』“”\"'‘’]+")
+
+
+def normalise(text: str) -> str:
+    """For fact matching: full-width characters folded (NFKC: "３．００" → "3.00", "，" → ","), lower
+    case, whitespace and quotation marks removed ("6 月 6 日" → "6月6日", "9 PM" → "9pm")."""
+    import unicodedata
+
+    return _QUOTES.sub("", unicodedata.normalize("NFKC", text).lower())
+
+
+def contains_fact(answer: str, fact: str | list[str]) -> bool:
+    """True when the answer holds the fact (any of a list of alternatives).
+
+    A fact that is a number matches a number of equal value in the answer: "3.00" matches "$3" and
+    "3.00 贝壳币", not "13.00". Any other fact (a name, a date such as "6月6日") must appear in the
+    answer, both normalised (`normalise`).
+    """
+    text = normalise(answer)
+    for alternative in _alternatives(fact):
+        wanted = normalise(alternative)
+        if _NUMBER.fullmatch(wanted):
+            if any(float(n) == float(wanted) for n in _NUMBER.findall(text)):
+                return True
+        elif wanted and wanted in text:
+            return True
+    return False
+
+
+@dataclass
+class FactScore:
+    with_rag: float  # share of answers holding their fact, with retrieval
+    alone: float  # the same without retrieval (the model's own knowledge)
+    rows: list[dict]  # question, fact, alone, with_rag (answers), alone_ok, rag_ok, sources
+
+
+def score_answers(model, tokenizer, kb: KnowledgeBase, cases: list[dict], gen=None,
+                  batch_size: int = 8) -> FactScore:
+    """Answer every case with and without retrieval (batched, greedy by default) and check each answer
+    for the case's ``fact`` with `contains_fact`."""
+    from . import chat
+
+    cases = [c for c in cases if "fact" in c]
+    if not cases:
+        raise ConchError("no questions with a 'fact' to score answers against; add \"fact\" to the eval records.")
+    gen = gen or chat.GenConfig(max_new_tokens=48, temperature=0)
+    plain = [[{"role": "user", "content": c["question"]}] for c in cases]
+    grounded = [with_context(m, kb) for m in plain]
+
+    def answers(prompts):
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            out += [r.answer for r in chat.generate(model, tokenizer, prompts[i:i + batch_size], gen)]
+        return out
+
+    alone, with_rag = answers(plain), answers([m for m, _ in grounded])
+    rows = [{"question": c["question"], "fact": c["fact"], "alone": a, "with_rag": r,
+             "alone_ok": contains_fact(a, c["fact"]), "rag_ok": contains_fact(r, c["fact"]),
+             "sources": [p.chunk_id for p in passages]}
+            for c, a, r, (_, passages) in zip(cases, alone, with_rag, grounded)]
+    return FactScore(sum(r["rag_ok"] for r in rows) / len(rows), sum(r["alone_ok"] for r in rows) / len(rows), rows)

@@ -11,8 +11,10 @@
   (Prometheus), ``/docs``;
 - ``GET /``: a chat page (plain HTML/JS) that streams answers and folds the reasoning away.
 
-RAG mode (``--rag_dir data/knowledge``, see `conch.rag`): the server retrieves passages for the
-last user message and puts them in front of the question; the answer carries a top-level
+RAG mode (``--rag_dir data/knowledge``, see `conch.rag`): the server retrieves passages with the
+conversation (the last three user messages, the latest counted twice, so that a follow-up such as
+"那它多少钱？" finds what the earlier question was about) and puts them in front of the last
+question; the answer carries a top-level
 ``sources`` list (in the first chunk when streamed). ``"rag": false`` switches it off per request.
 
 The layers, as in vLLM's server: `conch.protocol` (what goes over the wire), `conch.service`
