@@ -12,12 +12,12 @@ NEEDED="spring3-web spring3-core spring3-beans spring3-context jackson-databind 
 CP=""
 for jar in $NEEDED; do
     if [ ! -f "$JARS/$jar.jar" ]; then
-        echo "error: $JARS/$jar.jar is missing; install the Debian packages with 'make java' (as root)." >&2
+        echo "error: $JARS/$jar.jar is missing; install the JDK and the Debian packages with 'make examples' (as root)." >&2
         exit 1
     fi
     CP="$CP${CP:+:}$JARS/$jar.jar"
 done
-command -v javac >/dev/null || { echo "error: javac is missing; install default-jdk-headless ('make java')." >&2; exit 1; }
+command -v javac >/dev/null || { echo "error: javac is missing; install default-jdk-headless ('make examples', as root)." >&2; exit 1; }
 rm -rf build && mkdir -p build/classes
 javac -encoding UTF-8 -Xlint:all,-path,-serial,-processing -Werror -d build/classes -cp "$CP" $(find src -name '*.java')
 echo "$CP" > build/classpath
