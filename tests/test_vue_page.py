@@ -1,5 +1,6 @@
 """The Vue chat page (examples/vue), built with Vite, served from its own origin and driven in headless
-Chromium against `conch serve --cors_origins <that origin>`: streaming, reasoning fold, RAG sources, errors."""
+Chromium against `conch serve --cors_origins <that origin>`: streaming, reasoning fold, RAG sources, errors,
+Chinese labels and the 中/EN toggle."""
 
 import functools
 import os
@@ -101,6 +102,19 @@ def ask(browser, url, question, key=None, state="done"):
     return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
 
 
+CHINESE = ("发送", "EN", "问神奇海螺…（Enter 发送，Shift+Enter 换行）", "API 密钥（API key）", "服务器的 --api_key（留空：不需要）")
+ENGLISH = ("Send", "中", "Ask the Magic Conch… (Enter to send, Shift+Enter for a new line)", "API key",
+           "the server's --api_key (empty: none)")
+
+
+def labels(browser):
+    from selenium.webdriver.common.by import By
+
+    find = browser.find_element
+    return (find(By.ID, "send").text, find(By.ID, "lang").text, find(By.ID, "question").get_attribute("placeholder"),
+            find(By.CSS_SELECTOR, "label.key").text.strip(), find(By.ID, "api-key").get_attribute("placeholder"))
+
+
 def test_the_page_logic_passes_its_node_tests(dist):
     assert "# fail 0" in npm("test")
 
@@ -109,8 +123,11 @@ def test_a_chinese_question_streams_in_with_its_sources(browser, origin, rag_ser
     from selenium.webdriver.common.by import By
 
     question = "蟹堡王几点开门？"
+    browser.get(origin)
+    browser.execute_script("localStorage.removeItem('conch-lang')")
     answer = ask(browser, f"{origin}/?api={rag_server}&temperature=0&max_tokens=48", question, key=KEY)
     assert answer.get_attribute("data-state") == "done", answer.text
+    assert labels(browser) == CHINESE  # Chinese first
     assert int(answer.get_attribute("data-pieces")) > 1  # streamed piece by piece, not in one block
     assert answer.find_element(By.CSS_SELECTOR, ".content").text.strip()
     sources = answer.find_elements(By.CSS_SELECTOR, ".sources li")
@@ -130,7 +147,19 @@ def test_a_wrong_key_and_a_stopped_answer_are_told_in_one_sentence(browser, orig
 
     answer = ask(browser, f"{origin}/?api={rag_server}", "你是谁？", key="wrong")
     assert answer.get_attribute("data-state") == "error"
-    assert answer.find_element(By.CSS_SELECTOR, ".error").text.startswith("API key missing or wrong")
+    error = answer.find_element(By.CSS_SELECTOR, ".error").text
+    assert error.startswith("API 密钥（API key）缺失或错误"), error
+    assert error.endswith("（服务器：missing or wrong API key; send the header 'Authorization: Bearer <key>'.）"), error
+
+    # English one click away, remembered after a reload; the server's sentence stays as the server sent it
+    browser.find_element(By.ID, "lang").click()
+    assert labels(browser) == ENGLISH
+    answer = ask(browser, f"{origin}/?api={rag_server}", "Who are you?", key="wrong")
+    assert labels(browser) == ENGLISH
+    error = answer.find_element(By.CSS_SELECTOR, ".error").text
+    assert error.startswith("API key missing or wrong"), error
+    browser.find_element(By.ID, "lang").click()
+    assert labels(browser) == CHINESE
 
     browser.get(f"{origin}/?api={rag_server}&temperature=0&max_tokens=400")
     WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.ID, "question"))

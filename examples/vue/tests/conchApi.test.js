@@ -47,9 +47,21 @@ test('a stream without [DONE] is reported as cut off, an error event as stopped 
 test('401, 429 and 503 become one sentence with what to do, and Retry-After is kept', async () => {
   const busy = fakeFetch(503, [JSON.stringify({ error: { message: 'the server is busy' } })], { 'Retry-After': '2' })
   await assert.rejects(streamChat({ messages: [], onEvent: () => {}, fetchImpl: busy }),
-    { status: 503, retryAfterS: 2, message: /busy .*try again in 2 s/ })
-  assert.match(describeHttpError(401, 'missing or wrong API key'), /^API key missing or wrong/)
-  assert.match(describeHttpError(429, '', null), /wait a few s/)
+    { status: 503, retryAfterS: 2, message: /^神奇海螺正忙.*2 秒后再试.*（服务器：the server is busy）$/ })
+  assert.match(describeHttpError(401, 'missing or wrong API key'), /^API 密钥（API key）缺失或错误/)
+  assert.match(describeHttpError(429, '', null), /请等 几 秒/)
+})
+
+test('in English (lang: "en") the same sentences, the server\'s words quoted as they are', async () => {
+  const busy = fakeFetch(503, [JSON.stringify({ error: { message: 'the server is busy' } })], { 'Retry-After': '2' })
+  await assert.rejects(streamChat({ messages: [], onEvent: () => {}, fetchImpl: busy, lang: 'en' }),
+    { status: 503, retryAfterS: 2, message: /busy .*try again in 2 s.*\(server: the server is busy\)$/ })
+  assert.match(describeHttpError(401, 'missing or wrong API key', null, 'en'), /^API key missing or wrong/)
+  assert.match(describeHttpError(429, '', null, 'en'), /wait a few s/)
+  await assert.rejects(streamChat({ messages: [], onEvent: () => {}, lang: 'en',
+    fetchImpl: fakeFetch(200, [sse({ choices: [{ delta: { content: 'hi' } }] })]) }), { kind: 'cut', message: /cut off/ })
+  await assert.rejects(streamChat({ messages: [], onEvent: () => {},
+    fetchImpl: fakeFetch(200, [sse({ choices: [{ delta: { content: 'hi' } }] })]) }), { kind: 'cut', message: /被截断/ })
 })
 
 test('takeEvents keeps an incomplete event for the next chunk', () => {
