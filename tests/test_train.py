@@ -162,4 +162,51 @@ def test_shipped_config_loads():
     cfg = load_config(train.TrainConfig, "configs/magic_conch_lora.yaml")
     assert cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and not cfg.packing and cfg.reasoning == "drop"
     cpu = load_config(train.TrainConfig, ["configs/magic_conch_lora.yaml", "configs/magic_conch_lora_cpu.yaml"])
-    assert cpu.base_model == "demo" and cpu.packing and cpu.eval_dataset == "magic_conch_eval"
+    assert cpu.base_model == "demo" and cpu.packing
+    # settings are chosen on a validation split of the training records, never on notebook 05's test set
+    assert cpu.eval_dataset is None and cpu.val_size > 0 and cfg.eval_dataset is None
+
+
+def test_notebook_pieces_build_what_train_builds(tiny_r1, small_data, tmp_path):
+    """Notebook 04 builds the run piece by piece from conch.train's public steps; train.train() is
+    made of the same steps: the same adapter, the same TrainingArguments, the same batches."""
+    from peft import get_peft_model
+    from transformers import TrainerCallback, set_seed
+
+    cfg = config(tiny_r1, small_data, tmp_path / "run", max_steps=2, save_steps=2, eval_steps=2)
+
+    # the notebook's cells, one by one
+    set_seed(cfg.seed)
+    resolved, device, compute_type = train.training_device(cfg.base_model, cfg.compute_type)
+    model, tokenizer = train.load_base_model(resolved, device)
+    model = get_peft_model(model, train.lora_config(model, cfg))
+    examples, train_ex, val_ex = train.training_examples(tokenizer, cfg)
+    args = train.training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
+    trainer = train.make_trainer(model, tokenizer, args, train_ex, val_ex, cfg.packing,
+                                 [train.progress_callback(tmp_path / "run", "off")])
+    pieces = {"trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+              "counts": model.get_nb_trainable_parameters(), "args": args.to_dict(),
+              "batch": trainer.data_collator(train.features(train_ex[:4])),
+              "val": train.features(val_ex)}
+    assert pieces["trainable"] and all("lora_" in n for n in pieces["trainable"])
+    assert set(pieces["batch"]) >= {"input_ids", "labels", "position_ids"}
+
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+            loader = train_dataloader
+            seen.update(trainable=[n for n, p in model.named_parameters() if p.requires_grad],
+                        counts=model.get_nb_trainable_parameters(), args=args.to_dict(),
+                        batch=loader.collate_fn(list(loader.dataset)[:4]),
+                        val=list(kw["eval_dataloader"].dataset) if kw.get("eval_dataloader") else None)
+
+    result = train.train(cfg, callbacks=[Capture()])
+    assert seen["trainable"] == pieces["trainable"]
+    assert seen["counts"] == pieces["counts"] == (result.trainable_params, result.total_params)
+    assert seen["args"] == pieces["args"]
+    assert seen["batch"].keys() == pieces["batch"].keys()
+    for key in pieces["batch"]:
+        assert torch.equal(seen["batch"][key], pieces["batch"][key]), key
+    if seen["val"] is not None:
+        assert seen["val"] == pieces["val"]

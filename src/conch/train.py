@@ -9,11 +9,18 @@ accumulation and checkpointing; validation loss; checkpoints every ``save_steps`
 
     output_dir/
       adapter_model.safetensors, adapter_config.json, tokenizer files   the LoRA adapter
-      checkpoint-N/                                                     resumable states
+      checkpoint-N/   resumable states: adapter_model.safetensors (the lora_A and lora_B matrices),
+                      adapter_config.json, optimizer.pt (AdamW moments), scheduler.pt,
+                      trainer_state.json (step, epoch, log history), rng_state.pth, training_args.bin
       trainer_log.jsonl   one JSON line per logging/eval step
       loss.png            train and eval loss
       train_config.yaml   the exact settings of this run
       train_results.json  final metrics, trainable parameters, time, peak memory
+
+``train()`` is composed of public steps, which notebook 04 runs one by one: ``training_device``,
+``load_base_model``, ``add_lora`` (``get_peft_model`` with ``lora_config``), ``training_examples``
+(with the ``val_size`` validation split), ``training_arguments``, ``make_trainer`` (with
+``progress_callback``) and ``fit``.
 
 In Jupyter the loss plot is redrawn in place while training runs (with progress and ETA);
 headless, one line per logging step is printed, fit for ``nohup … > train.log &``.
@@ -51,7 +58,8 @@ class TrainConfig:
     # <think>…</think> are trained with that reasoning (see conch.data)
     reasoning: str = "drop"
     max_samples: int | None = None  # use only the first N records (quick experiments)
-    val_size: float = 0.1  # share of records held out for eval loss; 0 = none
+    val_size: float = 0.1  # share of the training records held out (seeded) for the eval loss and for
+    # choosing settings; 0 = none. Never the test set (data/magic_conch_eval.json, notebook 05)
     eval_dataset: str | None = None  # a separate held-out dataset for eval loss (then val_size is not used)
     # optimisation
     learning_rate: float = 2e-4  # LoRA tolerates ~10x the full fine-tuning rate; 1e-3 starts forgetting
@@ -346,62 +354,77 @@ def training_arguments(cfg: TrainConfig, compute_type: str, device: str, evaluat
     return args_class(**{**values, **overrides})
 
 
-def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
-    """Fine-tune ``cfg.base_model`` with LoRA on ``cfg.dataset``; returns where it all went."""
-    from transformers import Trainer, set_seed
+def load_base_model(resolved, device):
+    """The base model and its tokenizer, ready for training (``use_cache`` off)."""
+    from . import hub
 
-    from . import data, hub
-
-    mode = plot_mode(cfg.plot)
-    set_seed(cfg.seed)
-    output_dir = Path(cfg.output_dir)
-    resume = resume_point(cfg.resume_from_checkpoint, output_dir)
-
-    # model
-    resolved, device, compute_type = training_device(cfg.base_model, cfg.compute_type)
-    mem_before = memory_report(device.device)
     model, tokenizer = hub.load_model(resolved.path, device, for_training=True)
     model.config.use_cache = False  # required for correct packed attention, useless in training
-    model = add_lora(model, cfg)
-    trainable, total = model.get_nb_trainable_parameters()
+    return model, tokenizer
 
-    # data: read and check everything before the first step
+
+def training_examples(tokenizer, cfg: TrainConfig) -> tuple[list, list, list]:
+    """(all examples, training examples, validation examples), every record read and checked first.
+
+    The validation examples are ``cfg.eval_dataset`` when set, otherwise a seeded ``cfg.val_size``
+    share of the training records (``data.split_train_val``)."""
+    from . import data
+
     examples = data.build_examples(tokenizer, cfg.dataset, cfg.dataset_dir, cfg.cutoff_len, cfg.max_samples,
                                    cfg.overlong, cfg.reasoning)
     if cfg.eval_dataset:
-        train_ex = examples
         val_ex = data.build_examples(tokenizer, cfg.eval_dataset, cfg.dataset_dir, cfg.cutoff_len, None, "truncate",
                                      cfg.reasoning)
-    else:
-        train_ex, val_ex = data.split_train_val(examples, cfg.val_size, cfg.seed)
-    as_ds = lambda exs: [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]  # noqa: E731
+        return examples, examples, val_ex
+    return (examples, *data.split_train_val(examples, cfg.val_size, cfg.seed))
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    args = training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
-    progress = progress_callback(output_dir, mode)
-    trainer = Trainer(model=model, args=args, train_dataset=as_ds(train_ex), eval_dataset=as_ds(val_ex) if val_ex else None,
-                      data_collator=collator(tokenizer, cfg.packing), processing_class=tokenizer,
-                      callbacks=[progress] + list(callbacks or []))
+
+def features(examples: list) -> list[dict]:
+    """Examples as the rows the Trainer and the collator take: input_ids and labels."""
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+def make_trainer(model, tokenizer, args, train_ex: list, val_ex: list, packing: bool, callbacks: list):
+    """transformers' Trainer over the examples, with our callbacks instead of its printed logs."""
+    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)  # our Progress callback reports instead
+    trainer = Trainer(model=model, args=args, train_dataset=features(train_ex),
+                      eval_dataset=features(val_ex) if val_ex else None,
+                      data_collator=collator(tokenizer, packing), processing_class=tokenizer, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # the Progress callback reports instead
+    return trainer
+
+
+def describe(cfg: TrainConfig, model_name: str, device, model, examples: list, train_ex: list, val_ex: list) -> str:
+    """The few lines printed before training: model, LoRA share, data."""
+    from . import data
+
+    trainable, total = model.get_nb_trainable_parameters()
+    stats = data.length_stats(examples)
+    return (f"model: {model_name} on {device}\n"
+            f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} on {','.join(cfg.lora_target)}: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)\n"
+            f"data: {len(train_ex)} train / {len(val_ex)} eval records, {stats['tokens']:,} tokens "
+            f"(mean {stats['mean']}, max {stats['max']}), packing={'on' if cfg.packing else 'off'}, "
+            f"reasoning={cfg.reasoning}")
+
+
+def fit(trainer, cfg: TrainConfig, resolved, resume=None) -> TrainResult:
+    """Run the Trainer, then write what LLaMA-Factory writes: the adapter, loss.png,
+    train_config.yaml and train_results.json (final metrics, trainable parameters, time, memory)."""
+    output_dir = Path(cfg.output_dir)
+    device = "cuda" if trainer.args.device.type == "cuda" else "cpu"
+    trainable, total = trainer.model.get_nb_trainable_parameters()
     main = trainer.is_world_process_zero()
     if main:
-        stats = data.length_stats(examples)
-        print(f"model: {resolved.name} on {device}\n"
-              f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} on {','.join(cfg.lora_target)}: "
-              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)\n"
-              f"data: {len(train_ex)} train / {len(val_ex)} eval records, {stats['tokens']:,} tokens "
-              f"(mean {stats['mean']}, max {stats['max']}), packing={'on' if cfg.packing else 'off'}, "
-              f"reasoning={cfg.reasoning}\n"
-              f"memory before training: {mem_before}" + (f"\nresuming from {resume}" if resume else ""), flush=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.yaml").write_text(config_yaml(dataclasses.asdict(cfg)))
-
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - started
     metrics = dict(result.metrics)
-    if val_ex:
+    if trainer.eval_dataset is not None:
         # trainer.state.log_history is the same on every process (the Progress history is rank 0's
         # only): with several GPUs all ranks must agree on whether to run this collective evaluate()
         last = next((h for h in reversed(trainer.state.log_history) if h.get("eval_loss") is not None), None)
@@ -409,7 +432,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
             last = {"eval_loss": trainer.evaluate()["eval_loss"]}
         metrics["eval_loss"] = last["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(last["eval_loss"], 50))
-    memory = memory_report(device.device)
+    memory = memory_report(device)
 
     plot_path = None
     if main:
@@ -432,6 +455,37 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     else:
         history = []
     return TrainResult(output_dir, metrics, history, trainable, total, plot_path)
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Fine-tune ``cfg.base_model`` with LoRA on ``cfg.dataset``; returns where it all went.
+
+    Made only of the public steps above, in this order (notebook 04 runs them one by one):
+    ``training_device`` → ``load_base_model`` → ``add_lora`` (= ``get_peft_model(model,
+    lora_config(model, cfg))``) → ``training_examples`` → ``training_arguments`` →
+    ``make_trainer`` (with ``progress_callback``) → ``fit``."""
+    from transformers import set_seed
+
+    mode = plot_mode(cfg.plot)
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    resume = resume_point(cfg.resume_from_checkpoint, output_dir)
+
+    resolved, device, compute_type = training_device(cfg.base_model, cfg.compute_type)
+    mem_before = memory_report(device.device)
+    model, tokenizer = load_base_model(resolved, device)
+    model = add_lora(model, cfg)
+    examples, train_ex, val_ex = training_examples(tokenizer, cfg)  # a bad record stops the run here
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args = training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
+    trainer = make_trainer(model, tokenizer, args, train_ex, val_ex, cfg.packing,
+                           [progress_callback(output_dir, mode)] + list(callbacks or []))
+    if trainer.is_world_process_zero():
+        print(describe(cfg, resolved.name, device, model, examples, train_ex, val_ex)
+              + f"\nmemory before training: {mem_before}" + (f"\nresuming from {resume}" if resume else ""),
+              flush=True)
+    return fit(trainer, cfg, resolved, resume)
 
 
 def save_adapter_atomically(trainer, output_dir: Path) -> None:
