@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,11 @@ def run_one(path: Path) -> float:
     import nbformat
     from nbconvert.preprocessors import ExecutePreprocessor
 
-    nb = nbformat.read(path, as_version=4)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    for cell in raw["cells"]:  # cells added by a script may lack the id nbformat 5 wants
+        cell.setdefault("id", uuid.uuid4().hex[:8])
+    raw["nbformat_minor"] = max(raw.get("nbformat_minor", 0), 5)
+    nb = nbformat.from_dict(raw)
     # the venv's own python3 kernel: this works on a machine where `make kernel` never ran
     ep = ExecutePreprocessor(timeout=3600, kernel_name="python3")
     start = time.time()
