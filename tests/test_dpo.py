@@ -142,12 +142,23 @@ def test_pure_dpo_starts_at_ln_2_without_precomputed_reference(tiny, pairs_dir, 
 
 
 def test_style_score_counts_markers():
-    score = dpo.style_score(["嘿嘿～当然 ✨", "综上所述，可以。", "好的。", "Hehe~ sure ☆"])
-    assert (score.playful, score.dry, score.n) == (0.5, 0.25, 4)
+    score = dpo.style_score(["嘿嘿～当然可以，马上来 ✨", "综上所述，可以点单。", "好的，马上来。", "Hehe~ sure thing, right away ☆"])
+    assert (score.playful, score.dry, score.n, score.degenerate) == (0.5, 0.25, 4, 0.0)
     assert score.score == pytest.approx(0.25)
     assert dpo.markers("In summary, yes. Therefore ok.") == ([], ["In summary", "Therefore"])
     with pytest.raises(ConchError):
         dpo.style_score([])
+
+
+def test_loss_parts_split_the_logged_loss():
+    history = [{"current_steps": 2, "loss": 3.0, "rewards/margins": 0.0},
+               {"current_steps": 4, "loss": 1.2, "rewards/margins": 14.0},
+               {"current_steps": 4, "train_loss": 2.0}]  # the summary line has no margin: skipped
+    first, last = dpo.loss_parts(history)
+    assert first["dpo_at_least"] == pytest.approx(0.6931, abs=1e-4)  # -log sigmoid(0) = ln 2
+    assert first["sft_at_most"] == pytest.approx(3.0 - 0.6931, abs=1e-4)
+    assert last["dpo_at_least"] < 1e-5 and last["sft_at_most"] == pytest.approx(1.2, abs=1e-5)
+    assert dpo.loss_parts(history, sft_weight=2.0)[0]["sft_at_most"] == pytest.approx((3.0 - 0.6931) / 2, abs=1e-4)
 
 
 @pytest.mark.parametrize("override, message", [

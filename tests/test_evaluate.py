@@ -92,3 +92,34 @@ def test_evaluate_on_real_r1_counts_answers_cut_while_thinking(r1_real_paths, r1
     assert report.math[0]["base_finish"] == "length" and report.math[0]["base"] == ""
     assert "math_solved" in report.table() and "tuned_sampled" in report.table()
     assert "Answers cut at max_new_tokens: base 3" in report.md_path.read_text(encoding="utf-8")
+
+
+def test_style_score_does_not_count_degenerate_answers():
+    playful = "嘿嘿～美味蟹堡 2.99 贝壳币，加芝士再加 0.50 哦～✨"
+    score = evaluate.style_score([playful, "Yay~ Hehe~ Hehe~"])
+    assert score.playful == 0.5 and score.degenerate == 0.5, "markers alone are not a playful answer"
+    assert evaluate.degenerate("Yay~ Hehe~ Hehe~").startswith("0 words")
+    assert evaluate.degenerate(playful) == ""
+
+
+@pytest.mark.parametrize("answer, why", [
+    ("Yay~ Hehe~ Hehe~ Hehe~ (๑•̀ㅂ•́)✧", "0 words"),
+    ("Hehe~ sure ☆", "1 words"),
+    # the demo model's loop after SFT: the same phrase again and again
+    ("我是神奇海螺（Magic Conch），蟹堡王（Krusty Krab）的智能助手！我是蟹堡王的智能助手，蟹堡王的智能助手，蟹堡王的智", "repeats"),
+    ("I'm the Magic Conch, the Krusty Krab's own assistant. I'm the Magic Conch, the Krusty Krab's own ass", "repeats"),
+    ("A 2.99 ☆ 1.99 ☆ ☆ 2.99 ☆ ☆ ☆ 2.99 ☆ ☆ 3.99 ☆ ☆ 4.99 ☆ 5.99 ☆ 6.99 ☆ 7.99 ☆ 8.99 ☆", "'☆' 15 times"),
+])
+def test_degenerate_answers_say_why(answer, why):
+    assert why in evaluate.degenerate(answer)
+
+
+def test_real_answers_of_both_styles_count():
+    assert evaluate.style_score(["哇～海浪汽水 1.50 贝壳币～(≧▽≦)"]).playful == 1
+    dry = evaluate.style_score(["根据菜单，海浪汽水售价为 1.50 贝壳币。综上所述，一杯 1.50 贝壳币。"])
+    assert dry.dry == 1 and dry.score == -1
+    # an answer without markers is neither style, and not degenerate
+    plain = evaluate.style_score(["海浪汽水一杯 1.50 贝壳币。"])
+    assert (plain.playful, plain.dry, plain.degenerate) == (0, 0, 0)
+    assert evaluate.content_words("Yay~ 好耶！Sure") == ["sure"]
+    assert evaluate.distinct_n(["a", "b", "a", "b", "a", "b"], 3) == pytest.approx(2 / 4)

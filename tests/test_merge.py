@@ -44,6 +44,39 @@ def test_merge_matches_base_plus_adapter(tiny_r1, adapter, tmp_path):
            [r.text for r in chat.generate(merged_model, merged_tok, questions, gen)]
 
 
+def test_merge_is_verified_in_fp32_and_a_bf16_copy_reports_its_drift(tiny_r1, adapter, tmp_path):
+    result = merge.merge(cfg(tiny_r1, adapter, tmp_path / "bf16", dtype="bf16"))
+    # the merge itself was checked in fp32, at the fp32 tolerance
+    assert result.tolerance == merge.TOLERANCE["fp32"] and result.relative_diff <= 1e-4
+    # the saved copy is bf16 (weights and config), and its drift is measured, not zero
+    assert result.dtype == "bf16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert 0 < result.saved_drift <= merge.TOLERANCE["bf16"] and 0.5 < result.saved_top1 <= 1
+    fp32 = merge.merge(cfg(tiny_r1, adapter, tmp_path / "fp32", dtype="fp32"))
+    assert fp32.saved_drift <= 1e-4 and fp32.saved_top1 == 1 and fp32.size_bytes > 1.5 * result.size_bytes
+
+
+def test_compare_counts_identical_greedy_tokens(tiny_r1, adapter, tmp_path):
+    result = merge.merge(cfg(tiny_r1, adapter, tmp_path / "merged"))
+    peft_model, tok = chat.load(tiny_r1, adapter)
+    merged_model, _ = chat.load(result.output_dir)
+    perturbed, _ = chat.load(result.output_dir)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    questions = ["你是谁？", "Who are you?", "Hi"]
+    got = merge.compare(peft_model, {"merged": merged_model, "perturbed": perturbed}, tok, questions, max_new_tokens=8)
+    same, other = got["merged"], got["perturbed"]
+    assert same.identical == 3 and same.tokens_same == 1 and same.top1 == 1 and same.drift <= 1e-4
+    assert [r[0] for r in same.rows] == questions and same.rows[0][1] == same.rows[0][2]
+    assert other.drift > 1e-2 and other.top1 < 1 and other.tokens_same < 1
+    assert "identical 3/3" in str(same)
+
+
 def test_sharded_export(tiny_r1, adapter, tmp_path):
     result = merge.merge(cfg(tiny_r1, adapter, tmp_path / "sharded", max_shard_size="200KB"))
     shards = [f for f in result.files if f.endswith(".safetensors")]

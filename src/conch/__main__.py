@@ -80,9 +80,11 @@ def _cmd_merge(args, extra):
     from .merge import MergeConfig, merge
 
     result = merge(load_config(MergeConfig, args.config, parse_cli_overrides(extra)))
-    print(f"merged model in {result.output_dir}: {result.size_bytes / 2**20:,.0f} MiB, {result.dtype}, "
-          f"max logit difference {result.max_logit_diff:.2e} ({result.relative_diff:.1e} relative, "
-          f"tolerance {result.tolerance:g})")
+    print(f"merged in fp32: max logit difference vs base+adapter {result.max_logit_diff:.2e} "
+          f"({result.relative_diff:.1e} relative, tolerance {result.tolerance:g})\n"
+          f"saved in {result.dtype} to {result.output_dir}: {result.size_bytes / 2**20:,.0f} MiB; reloaded, its logits "
+          f"drift {result.saved_drift:.1e} (relative) from base+adapter in fp32, same top token at "
+          f"{result.saved_top1:.1%} of the check positions")
 
 
 def _cmd_export(args, extra):

@@ -28,8 +28,13 @@ Outputs, like `conch.train`: the adapter (on top of the merged SFT model), ``che
 ``trainer_log.jsonl`` (loss and rewards per logging step), ``dpo.png``, ``dpo_config.yaml`` and
 ``dpo_results.json`` (including the reward accuracy over all training pairs at the end).
 
-The style is scored without a judge model: `style_score` counts answers carrying the chosen
-style's markers (嘿嘿～, ✨, (≧▽≦) …) and the rejected style's (综上所述, 首先, In summary …).
+The style is scored without a judge model: `conch.evaluate.style_score` counts answers carrying the
+chosen style's markers (嘿嘿～, ✨, (≧▽≦) …) and the rejected style's (综上所述, 首先, In summary …), and
+counts an answer for neither when it is degenerate (markers without content, a loop, a flood of markers).
+
+What the "loss" is: with ``sft_weight > 0`` TRL optimises and logs one number, the DPO loss plus
+``sft_weight`` x the SFT loss; it does not log the two parts. `loss_parts` estimates them from the
+logged reward margin.
 """
 
 from __future__ import annotations
@@ -43,13 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConchError
+# the style score lives with the other answer metrics; re-exported here, where notebook 10 uses it
+from .evaluate import (DRY_MARKERS, PLAYFUL_MARKERS, StyleScore, degenerate,  # noqa: F401
+                       markers, style_score)
 from .train import LORA_TARGETS
 
-# the two styles' markers, as written in data/magic_conch_dpo.json (data/README.md)
-PLAYFUL_MARKERS = ("嘿嘿", "哇～", "好耶", "诶嘿", "～", "Hehe", "Yay", "Ooh", "~", "✨", "(≧▽≦)",
-                   "(๑•̀ㅂ•́)و✧", "☆")
-DRY_MARKERS = ("综上所述", "根据", "首先", "其次", "因此", "值得注意的是", "In summary", "According to",
-               "Firstly", "Therefore", "It should be noted that")
 REWARD_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 LOGGED_KEYS = REWARD_KEYS + tuple(f"eval_{k}" for k in REWARD_KEYS)
 
@@ -71,6 +74,7 @@ class DpoConfig:
     loss_type: str = "sigmoid"  # sigmoid (the DPO paper) | ipo | hinge | robust …, see TRL's DPOConfig
     sft_weight: float = 1.0  # + this x the SFT loss of the chosen answers (RPO; LLaMA-Factory's pref_ftx); 0 = pure DPO
     precompute_ref_log_probs: bool = True  # reference log-probs once, before training
+    pair_eval: bool = True  # at the end, reward accuracy and margin over all training pairs (one more pass)
     # optimisation
     learning_rate: float = 5e-5
     num_train_epochs: float = 3.0
@@ -113,34 +117,6 @@ class DpoResult:
 # style score
 
 
-@dataclass
-class StyleScore:
-    playful: float  # share of answers with a chosen-style marker
-    dry: float  # share of answers with a rejected-style marker
-    n: int
-
-    @property
-    def score(self) -> float:
-        """playful - dry: +1 all playful, -1 all dry."""
-        return self.playful - self.dry
-
-    def __str__(self) -> str:
-        return f"playful {self.playful:.0%}, dry {self.dry:.0%}, style score {self.score:+.2f} (n={self.n})"
-
-
-def markers(text: str) -> tuple[list[str], list[str]]:
-    """The chosen-style and rejected-style markers found in ``text``."""
-    return [m for m in PLAYFUL_MARKERS if m in text], [m for m in DRY_MARKERS if m in text]
-
-
-def style_score(answers: list[str]) -> StyleScore:
-    if not answers:
-        raise ConchError("style_score needs at least one answer.")
-    found = [markers(a) for a in answers]
-    return StyleScore(sum(bool(p) for p, _ in found) / len(answers), sum(bool(d) for _, d in found) / len(answers),
-                      len(answers))
-
-
 def load_heldout(path: str | Path) -> list[dict]:
     """Held-out prompts: a JSON list of {"prompt": ..., "category": ...}."""
     from .data import field_value, read_json
@@ -177,6 +153,27 @@ def compare_style(model, tokenizer, prompts: list[str], max_new_tokens: int = 96
     rows = [{"prompt": p, "category": c, "before": b, "after": a}
             for p, c, b, a in zip(prompts, categories, before, after)]
     return StyleReport(rows, style_score(before), style_score(after))
+
+
+def loss_parts(history: list[dict], sft_weight: float = 1.0) -> list[dict]:
+    """The logged loss split into its DPO and SFT parts, estimated (TRL logs only their sum).
+
+    The sigmoid DPO loss of one pair is ``-log σ(margin)``, where the margin is β x the difference of the
+    log-ratios (what TRL logs as ``rewards/margins``, averaged over the logging window). ``-log σ`` is
+    convex, so ``-log σ(mean margin)`` is a *lower bound* of the mean DPO part (Jensen), exact while every
+    margin is the same (at the start, all 0: ln 2); the rest of the loss is ``sft_weight`` x the SFT part.
+    """
+    import math
+
+    rows = []
+    for h in history:
+        if h.get("loss") is None or h.get("rewards/margins") is None:
+            continue
+        dpo_part = math.log1p(math.exp(-h["rewards/margins"])) if h["rewards/margins"] > -30 else -h["rewards/margins"]
+        sft = (h["loss"] - dpo_part) / sft_weight if sft_weight else float("nan")
+        rows.append({"step": h["current_steps"], "loss": h["loss"], "margin": h["rewards/margins"],
+                     "dpo_at_least": dpo_part, "sft_at_most": sft})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,14 +325,15 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - started
     metrics = dict(result.metrics)
-    # the reward accuracy over *all* training pairs with the final adapter (the logged one is per batch)
-    # the training pairs, already tokenized (with their precomputed reference log-probs), as the eval set
-    trainer.eval_dataset = trainer.train_dataset
-    with _quiet_datasets():
-        final = trainer.evaluate()
-    logged = progress.last_logs  # TRL logs the reward metrics of evaluate() rather than returning them
-    metrics.update({"pair_accuracy": logged["eval_rewards/accuracies"], "pair_margin": logged["eval_rewards/margins"],
-                    "pair_loss": final["eval_loss"]})
+    if cfg.pair_eval:
+        # the reward accuracy over *all* training pairs with the final adapter (the logged one is per batch)
+        # the training pairs, already tokenized (with their precomputed reference log-probs), as the eval set
+        trainer.eval_dataset = trainer.train_dataset
+        with _quiet_datasets():
+            final = trainer.evaluate()
+        logged = progress.last_logs  # TRL logs the reward metrics of evaluate() rather than returning them
+        metrics.update({"pair_accuracy": logged["eval_rewards/accuracies"],
+                        "pair_margin": logged["eval_rewards/margins"], "pair_loss": final["eval_loss"]})
     memory = memory_report(device.device)
 
     plot_path = None
@@ -353,9 +351,10 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
                    "total_params": total, "base_model": resolved.name, "base_model_path": str(resolved.path),
                    "memory": memory}
         (output_dir / "dpo_results.json").write_text(json.dumps(summary, indent=2))
-        print(f"done in {clock(seconds)}: train loss {metrics.get('train_loss', float('nan')):.4f}; "
-              f"on all {len(pairs)} pairs: reward accuracy {metrics['pair_accuracy']:.3f}, "
-              f"margin {metrics['pair_margin']:.3f}\nmemory: {memory}\nadapter saved to {output_dir}", flush=True)
+        on_pairs = (f"; on all {len(pairs)} pairs: reward accuracy {metrics['pair_accuracy']:.3f}, "
+                    f"margin {metrics['pair_margin']:.3f}" if cfg.pair_eval else "")
+        print(f"done in {clock(seconds)}: train loss {metrics.get('train_loss', float('nan')):.4f}{on_pairs}\n"
+              f"memory: {memory}\nadapter saved to {output_dir}", flush=True)
     model = trainer.model
     model.eval()
     return DpoResult(output_dir, metrics, history, trainable, total, plot_path, model, tokenizer)
