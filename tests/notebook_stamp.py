@@ -125,7 +125,7 @@ def run_one(path: Path) -> float:
     for cell in raw["cells"]:  # cells added by a script may lack the id nbformat 5 wants
         cell.setdefault("id", uuid.uuid4().hex[:8])
     raw["nbformat_minor"] = max(raw.get("nbformat_minor", 0), 5)
-    nb = nbformat.from_dict(raw)
+    nb = nbformat.reads(json.dumps(raw), as_version=4)
     # the venv's own python3 kernel: this works on a machine where `make kernel` never ran
     ep = ExecutePreprocessor(timeout=3600, kernel_name="python3")
     start = time.time()
