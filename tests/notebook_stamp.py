@@ -8,6 +8,8 @@ files, when a notebook's saved outputs are older than that code. Data and config
 part of the stamp (a changed record does not make every notebook stale).
 
 By default `run` executes only the stale notebooks; `run all` (make notebooks NB=all) every one.
+Only the Chinese notebooks (notebooks/) run; their English twins (notebooks/en/) receive the same
+code cells and outputs afterwards (tests/notebook_twins.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from tests import notebook_twins as twins
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -172,6 +176,7 @@ def main(argv: list[str]) -> int:
         print(f"{path.name}: running ...", flush=True)
         seconds = run_one(path)
         print(f"{path.name}: saved, {seconds:.0f} s", flush=True)
+    twins.sync()  # the English twins (notebooks/en/) get the same code cells and outputs
     return 0
 
 

@@ -322,6 +322,13 @@ def test_metrics(demo_server):
                if line.startswith("conch_requests_total{") and ('"stop"' in line or '"length"' in line))
     assert done >= 1
 
+    from conch.client import ConchClient
+
+    with ConchClient(demo_server) as conch:
+        samples = conch.metrics()
+    assert sum(samples.get(f'conch_requests_total{{finish_reason="{r}"}}', 0.0) for r in ("stop", "length")) == done
+    assert samples["conch_queue_depth"] >= 0
+
 
 def test_sigterm_drains_in_bounded_time(demo_path):
     """A request still generating at SIGTERM is cancelled after the drain time; the exit stays clean."""

@@ -38,11 +38,23 @@ def test_engine_setting_is_checked_in_one_sentence():
     with pytest.raises(ConchError, match=r"^engine 'fast' is unknown; use --engine builtin .*\.$"):
         check_engine(ServeConfig(engine="fast"))
     check_engine(ServeConfig(engine="builtin"))
+
+
     try:
         import vllm  # noqa: F401 - the main environment has no vLLM
     except ImportError:
         with pytest.raises(ConchError, match=r"^vLLM is not installed in this environment; run `make vllm`"):
             check_engine(ServeConfig(engine="vllm"))
+
+
+def test_max_model_len_stays_within_the_models_positions(tmp_path):
+    from conch.engine_vllm import MAX_MODEL_LEN, max_model_len
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    assert max_model_len(tmp_path) == 8192  # the demo model: vLLM refuses a longer context
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 131072}))
+    assert max_model_len(tmp_path) == MAX_MODEL_LEN
+    assert max_model_len(tmp_path / "missing") == MAX_MODEL_LEN
 
 
 @contextmanager

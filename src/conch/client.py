@@ -103,6 +103,18 @@ class ConchClient:
     def health(self) -> dict:
         return self._send("GET", "/health").json()
 
+    def metrics(self) -> dict[str, float]:
+        """The server's Prometheus samples (``GET /metrics``), parsed by prometheus-client and keyed
+        as the exposition writes them: ``m['conch_requests_total{finish_reason="cancelled"}']``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {}
+        for family in text_string_to_metric_families(self._send("GET", "/metrics").text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return samples
+
     def generate(self, prompt: str, **params) -> dict:
         """The seeds' ``GET /generate?prompt=…`` endpoint: ``{"generated_text": …}``."""
         return self._send("GET", "/generate", params={"prompt": prompt, **params}).json()

@@ -170,7 +170,7 @@ class VLLMEngine:
         if device.device == "cpu":
             _cpu_settings()
             args.update(enforce_eager=True)  # vLLM's compile warm-up takes minutes on a CPU
-        args["max_model_len"] = min(MAX_MODEL_LEN, _max_positions(model_path) or MAX_MODEL_LEN)
+        args["max_model_len"] = max_model_len(model_path)
         args.update(engine_args)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.defaults = self.llm.model_config.get_diff_sampling_param()
@@ -225,14 +225,16 @@ class VLLMEngine:
         self.llm.shutdown()
 
 
-def _max_positions(model_path: str | Path) -> int | None:
+def max_model_len(model_path: str | Path) -> int:
+    """The context vLLM is given: MAX_MODEL_LEN, or the model's own limit where that is shorter
+    (the demo model has 8192 positions; vLLM refuses a longer max_model_len)."""
     import json
 
     try:
         config = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    return config.get("max_position_embeddings")
+        return MAX_MODEL_LEN
+    return min(MAX_MODEL_LEN, config.get("max_position_embeddings") or MAX_MODEL_LEN)
 
 
 def _cpu_settings() -> None:
