@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random R1-style model (seconds) and the demo model (converted once)."""
 
 import os
+import shutil
 
 import pytest
 
@@ -101,3 +102,27 @@ def _one_thread_beside_the_notebooks(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+BROWSER_MISSING = None if CHROMIUM and DRIVER else (
+    "needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; make browser)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through selenium (the chat page's tests); skipped where it is not installed."""
+    if BROWSER_MISSING:
+        pytest.skip(BROWSER_MISSING)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()

@@ -2,35 +2,16 @@
 sees the answer stream in."""
 
 import os
-import shutil
 
 import pytest
 
+from .conftest import BROWSER_MISSING
 from .server import running_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-DRIVER = shutil.which("chromedriver")
-
-if not (CHROMIUM and DRIVER):
-    message = "needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver; make browser)"
+if BROWSER_MISSING:  # the `browser` fixture (tests/conftest.py) drives headless Chromium
     if os.environ.get("CI"):
-        pytest.fail("CI must run the browser test: " + message, pytrace=False)
-    pytest.skip(message, allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
+        pytest.fail("CI must run the browser test: " + BROWSER_MISSING, pytrace=False)
+    pytest.skip(BROWSER_MISSING, allow_module_level=True)
 
 
 def check_labels_and_language_toggle(browser):

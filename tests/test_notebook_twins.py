@@ -22,6 +22,8 @@ def test_twins_have_the_same_code_and_outputs_and_only_the_markdown_differs(zh, 
     assert not drift, f"{en.name} has drifted from {zh.name}: {'; '.join(drift)}; run `python -m tests.notebook_twins sync`"
     assert twins.cjk_share(chinese) > 0.5, f"notebooks/{zh.name}: its markdown is not Chinese"
     assert twins.cjk_share(english) < 0.05, f"notebooks/en/{en.name}: its markdown is not English"
+    # each links the other under its title
+    assert f"(en/{zh.name})" in twins.text(chinese["cells"][0]) and f"(../{zh.name})" in twins.text(english["cells"][0])
 
 
 def test_differences_names_what_drifted():

@@ -316,7 +316,7 @@ def test_metrics(demo_server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     for name in ("conch_requests_total{", "conch_generation_tokens_total", "conch_prompt_tokens_total",
                  "conch_queue_depth", "conch_running_requests", "conch_time_to_first_token_seconds_bucket",
-                 "conch_request_latency_seconds_bucket", "conch_rejected_requests_total{"):
+                 "conch_request_latency_seconds_bucket", "# TYPE conch_rejected_requests_total counter"):
         assert name in r.text, name
     done = sum(float(line.split()[-1]) for line in r.text.splitlines()
                if line.startswith("conch_requests_total{") and ('"stop"' in line or '"length"' in line))

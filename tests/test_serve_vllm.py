@@ -126,6 +126,25 @@ def test_routes_auth_and_page(vllm):
         "access-control-allow-origin"] == "http://localhost:5173"
 
 
+def test_chat_page_streams_an_answer_on_vllm(vllm, browser):
+    """The chat page in headless Chromium (tests/conftest.py) against the vLLM server, its API key typed in."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(vllm + "/")
+    assert "神奇海螺" in browser.title
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    browser.find_element(By.ID, "input").send_keys("What is the capital of France?")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 180).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true'], .error"))
+    errors = browser.find_elements(By.CSS_SELECTOR, ".error")
+    assert not errors, errors[0].text
+    # this server runs in RAG mode (--rag_dir): the demo answers from the documents, which do not name Paris
+    answer = browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text
+    assert len(answer.split()) >= 3, answer
+
+
 def test_generate_openai_sdk_and_stream_agree(vllm):
     from openai import OpenAI
 
