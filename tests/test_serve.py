@@ -408,3 +408,21 @@ def test_background_server_closes_its_log_and_registers_one_exit_hook(tmp_path, 
     assert hooks == []
     open_files = [Path(f"/proc/self/fd/{fd}").resolve() for fd in os.listdir("/proc/self/fd")]
     assert log.resolve() not in open_files
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README_zh.md"])
+def test_the_readmes_curl_commands_work_as_written(demo_server, readme):
+    """Every curl command a README gives for a local server (127.0.0.1:8000), run by bash as written."""
+    import re
+    import subprocess
+
+    text = (Path(__file__).resolve().parents[1] / readme).read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.lstrip().startswith("curl") and "127.0.0.1:8000/" in command:
+                commands.append(command.replace("127.0.0.1:8000", demo_server.removeprefix("http://")))
+    assert len(commands) >= 3
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.lstrip().startswith(("{", "data:")), (command, done.stdout[:300])
