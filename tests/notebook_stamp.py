@@ -137,10 +137,7 @@ def run_one(path: Path) -> float:
     seconds = time.time() - start
     nb.metadata["kernelspec"] = KERNELSPEC
     nb.metadata.setdefault("conch", {})["stamp"] = fingerprint(json.loads(nbformat.writes(nb)))
-    text = json.dumps(json.loads(nbformat.writes(nb)), indent=1, ensure_ascii=False) + "\n"
-    tmp = path.with_suffix(".ipynb.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a notebook that failed half-way is never written
+    twins.write(path, json.loads(nbformat.writes(nb)))  # a notebook that failed half-way is never written
     return seconds
 
 

@@ -44,13 +44,16 @@ def text(cell: dict) -> str:
     return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
-def cjk_share(nb: dict) -> float:
-    """The share of CJK characters among the letters of a notebook's prose (code spans and links left out)."""
-    md = "".join(text(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+def cjk_share_of(md: str) -> float:
+    """The share of CJK characters among the letters of markdown prose (code spans and links left out)."""
     md = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)|https?://\S+", "", md, flags=re.S)  # code and links stay English
     cjk = len(re.findall(r"[\u4e00-\u9fff]", md))
     latin = len(re.findall(r"[A-Za-z]", md))
     return cjk / max(cjk + latin, 1)
+
+
+def cjk_share(nb: dict) -> float:
+    return cjk_share_of("".join(text(c) for c in nb["cells"] if c["cell_type"] == "markdown"))
 
 
 def differences(zh: dict, en: dict) -> list[str]:
@@ -136,11 +139,8 @@ def verify(nn: str, src: Path) -> int:
         lost = [k for k in dict.fromkeys(KEPT.findall(prose)) if " ".join(k.split()) not in flat]
         if lost:
             problems.append(f"cell {cell_id}: not found in the translation: {lost}")
-    md = "".join(chinese.values())
-    cjk = len(re.findall(r"[\u4e00-\u9fff]", md))
-    share = cjk / max(cjk + len(re.findall(r"[A-Za-z]", md)), 1)
     print("\n".join(problems) or "every cell, code span, link, URL and number is kept")
-    print(f"CJK share of letters: {share:.0%}")
+    print(f"CJK share of the prose's letters: {cjk_share_of(''.join(chinese.values())):.0%}")
     return 1 if problems else 0
 
 

@@ -38,8 +38,6 @@ def test_engine_setting_is_checked_in_one_sentence():
     with pytest.raises(ConchError, match=r"^engine 'fast' is unknown; use --engine builtin .*\.$"):
         check_engine(ServeConfig(engine="fast"))
     check_engine(ServeConfig(engine="builtin"))
-
-
     try:
         import vllm  # noqa: F401 - the main environment has no vLLM
     except ImportError:
