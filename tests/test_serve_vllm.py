@@ -380,7 +380,9 @@ def test_vllm_generation_cancel_and_timeout_abort_the_request():
         slow = engine.generate([1], SamplingParams(), 0.1)
         await asyncio.sleep(0.3)
         gone.cancel()
-        outcomes = [[e async for e in g][-1].outcome for g in (early, gone, slow)]
+        outcomes = []
+        for g in (early, gone, slow):
+            outcomes.append([e async for e in g][-1].outcome)
         return llm, engine, outcomes
 
     llm, engine, outcomes = asyncio.run(main())

@@ -72,6 +72,55 @@ def test_packed_loss_equals_padded_loss(tiny_trainable, small_data):
     assert torch.allclose(packed, padded, atol=1e-5), (packed, padded)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_head_at_labelled_positions_gives_the_full_loss(tiny_trainable, small_data, packing):
+    """conch.loss: the LM head only where a label is set, the same loss as transformers' full computation."""
+    from conch.loss import labelled_forward
+
+    model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
+    model.config.use_cache = False
+    examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:6]
+    batch = train.collator(tok, packing=packing)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    with torch.no_grad():
+        full = model(**batch)
+        loss, outputs = labelled_forward(model, batch)
+        wanted = batch["labels"][:, 1:] != -100
+        summed, _ = labelled_forward(model, batch, num_items_in_batch=wanted.sum())
+    assert outputs.logits.shape[0] == wanted.sum() < batch["input_ids"].numel()  # prompts (and padding) skipped
+    assert abs(loss.item() - full.loss.item()) < 1e-5 and abs(summed.item() - full.loss.item()) < 1e-5
+    assert torch.allclose(outputs.logits, full.logits[:, :-1][wanted], atol=1e-5)
+
+
+def test_answer_loss_of_evaluate_uses_the_same_masking(tiny_trainable, small_data):
+    from conch import evaluate
+
+    model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
+    examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:5]
+    batch = train.collator(tok, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    with torch.no_grad():
+        full = model(**batch).loss.item()
+    assert abs(evaluate.answer_loss(model, tok, examples, batch_size=8) - full) < 1e-5
+
+
+def test_bf16_training_on_a_cpu_keeps_lora_in_float32(tiny_trainable, small_data, tmp_path, monkeypatch):
+    """Where the CPU has bf16 (forced here, emulated where it does not) the Trainer autocasts to bf16,
+    the frozen base is bf16 and the LoRA weights stay float32, as on a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CONCH_CPU_DTYPE", "bf16")
+    cfg = config(tiny_trainable, small_data, tmp_path / "bf16", max_steps=12, save_steps=12, eval_steps=6)
+    resolved, device, compute_type = train.training_device(cfg.base_model, cfg.compute_type)
+    assert (device.dtype, compute_type) == (torch.bfloat16, "bf16")
+    model, tok = train.load_base_model(resolved, device)
+    model = train.add_lora(model, cfg)
+    dtypes = {n.split(".")[-2]: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert set(dtypes.values()) == {torch.float32}
+    args = train.training_arguments(cfg, compute_type, device.device, evaluate=True)
+    assert args.bf16 and args.use_cpu
+    result = train.train(cfg)
+    losses = [h["loss"] for h in result.log_history if h.get("loss") is not None]
+    assert losses[-1] < losses[0] and all(loss == loss for loss in losses)  # lower, and no NaN
+
+
 def test_resume_after_a_hard_kill(tiny_trainable, small_data, tmp_path):
     """Kill -9 after checkpoint-10, resume with auto: ends at the same step, no checkpoint lost."""
     out = tmp_path / "killed"
@@ -130,13 +179,15 @@ def test_two_processes_with_accelerate(tiny_trainable, small_data, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (dict(lora_target=["q_proj", "attn_qkv"]), "not module names"),
-    (dict(compute_type="bf16"), "needs a GPU"),
+    (dict(compute_type="bf16"), "needs a GPU or a CPU with native bfloat16"),
+    (dict(compute_type="fp16"), "fp16 needs a GPU"),
     (dict(compute_type="fp8"), "compute_type must be"),
     (dict(plot="gif"), "plot must be"),
     (dict(reasoning="sometimes"), "reasoning must be drop or keep"),
     (dict(resume_from_checkpoint="/no/such/checkpoint"), "not a complete checkpoint"),
 ])
-def test_bad_settings_are_one_sentence(tiny_trainable, small_data, tmp_path, override, message):
+def test_bad_settings_are_one_sentence(tiny_trainable, small_data, tmp_path, override, message, monkeypatch):
+    monkeypatch.setenv("CONCH_CPU_DTYPE", "fp32")  # as on a CPU without native bf16, whatever this one has
     with pytest.raises(ConchError, match=message):
         train.train(config(tiny_trainable, small_data, tmp_path / "bad", **override))
 

@@ -247,23 +247,17 @@ class Report:
 
 
 def answer_loss(model, tokenizer, examples, batch_size: int = 8) -> float:
-    """Mean loss over answer tokens only (the same masking as training), padded batches."""
-    import torch
-
+    """Mean loss over answer tokens only (the same masking as training), padded batches; the LM head
+    runs only where there is an answer token to predict (``conch.loss``)."""
+    from .loss import answer_loss_sums
     from .train import collator
 
     collate = collator(tokenizer, packing=False)
     total, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(examples), batch_size):
-            batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in examples[i:i + batch_size]])
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-            total += losses.item()
-            count += (labels != -100).sum().item()
+    for i in range(0, len(examples), batch_size):
+        batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in examples[i:i + batch_size]])
+        summed, n = answer_loss_sums(model, {k: v.to(model.device) for k, v in batch.items()})
+        total, count = total + summed, count + n
     return total / max(count, 1)
 
 

@@ -113,7 +113,7 @@ class ExportResult:
 
 def converter_dir() -> Path:
     """Where the converter lives: ``$CONCH_LLAMA_CPP`` or ``<repo>/.cache/llama.cpp-<version>`` (git-ignored)."""
-    from .hub import repo_root
+    from .paths import repo_root
 
     return Path(os.environ.get("CONCH_LLAMA_CPP") or repo_root() / ".cache" / f"llama.cpp-{LLAMA_CPP_PYTHON}")
 

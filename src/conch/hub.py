@@ -16,7 +16,8 @@ downloads come from the learner's settings (``conch.settings``: ``conch_settings
 overridden by ``CONCH_MODEL_SOURCE``, ``CONCH_CACHE_DIR``, ``CONCH_BASE_MODEL``); an explicit
 model or folder is never overridden. ``fetch()`` is notebook 02's and ``conch download``'s step:
 resolve, then save the choices for every later kernel and command. ``pick_device()`` is the one
-place where device and dtype are chosen.
+place where device and dtype are chosen
+(defined in ``conch.device``; ``repo_root`` and ``models_dir`` in ``conch.paths``).
 """
 
 from __future__ import annotations
@@ -29,106 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import settings
+from .device import Device, pick_device, set_threads  # noqa: F401  (the notebooks' hub.pick_device)
 from .errors import ConchError
+from .paths import models_dir, repo_root  # noqa: F401  (the notebooks' hub.repo_root)
 
 TARGET_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 DEMO = "demo"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIRNAME = "smollm2-135m-instruct"
 SOURCES = settings.SOURCES  # huggingface | mirror | modelscope
-
-
-def repo_root() -> Path:
-    """The checkout this package runs from (``src/conch`` layout), else the working directory."""
-    here = Path(__file__).resolve().parents[2]
-    return here if (here / "pyproject.toml").exists() else Path.cwd()
-
-
-def models_dir() -> Path:
-    """Where converted models live: ``$CONCH_MODELS_DIR`` or ``<repo>/models`` (git-ignored)."""
-    return Path(os.environ.get("CONCH_MODELS_DIR") or repo_root() / "models")
-
-
-# ---------------------------------------------------------------------------------------------
-# device, dtype and threads
-
-
-@dataclass
-class Device:
-    device: str  # "cuda", "mps" or "cpu"
-    dtype: "torch.dtype"  # noqa: F821
-    why: str
-
-    def __str__(self) -> str:
-        return f"{self.device} ({str(self.dtype).replace('torch.', '')}): {self.why}"
-
-
-def pick_device() -> Device:
-    """bf16 on GPUs that support it (Ampere and newer), fp16 on older GPUs, fp32 on CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        if torch.cuda.is_bf16_supported():
-            return Device("cuda", torch.bfloat16, f"{name} supports bfloat16")
-        return Device("cuda", torch.float16, f"{name} has no bfloat16, using float16")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return Device("mps", torch.float16, "Apple GPU (MPS)")
-    set_threads()
-    return Device("cpu", torch.float32, f"no GPU found, float32 on {torch.get_num_threads()} CPU threads")
-
-
-def set_threads(n: int | None = None) -> int:
-    """Use only the cores that are free: oversubscribed threads run about 10x slower.
-
-    ``n``, else ``CONCH_THREADS``, else measured: the cores this process may use minus the cores
-    that *other* processes keep busy (this process's own use is subtracted). The machine is
-    sampled over a few short windows and the quietest one counts, so a burst of another process
-    (an import, a short test) does not pin a whole training run to one thread; a process that is
-    busy all the time is seen in every window. At least one thread.
-    """
-    import torch
-
-    if n is None and os.environ.get("CONCH_THREADS"):
-        value = os.environ["CONCH_THREADS"]
-        if not value.strip().isdigit() or int(value) < 1:
-            raise ConchError(f"CONCH_THREADS={value!r} must be a whole number of threads, 1 or more; "
-                             "fix it or unset it to use the free cores.")
-        n = int(value)
-    if n is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        n = max(1, min(cores, round(cores - busy_cores(cores))))
-    torch.set_num_threads(int(n))
-    return int(n)
-
-
-def cpu_ticks() -> tuple[int, int, int]:
-    """(all CPU ticks, idle ticks, ticks of this process) from /proc; raises OSError elsewhere."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    own = int(fields[11]) + int(fields[12])  # utime + stime, the same clock ticks as /proc/stat
-    return sum(values[:8]), values[3] + values[4], own  # user..steal; idle + iowait
-
-
-def busy_cores(cores: int, windows: int = 3, seconds: float = 0.1, sample=cpu_ticks) -> float:
-    """How many cores other processes are using: the least over ``windows`` windows of ``seconds``
-    each (0 where /proc is not available)."""
-    machine_cores = os.cpu_count() or cores
-    try:
-        readings = [sample()]
-        for _ in range(windows):
-            time.sleep(seconds)
-            readings.append(sample())
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    loads = []
-    for (total0, idle0, own0), (total1, idle1, own1) in zip(readings, readings[1:]):
-        elapsed = max(total1 - total0, 1)
-        others = (elapsed - (idle1 - idle0) - (own1 - own0)) / elapsed * machine_cores
-        loads.append(max(0.0, others))
-    return min(min(loads), cores)
 
 
 # ---------------------------------------------------------------------------------------------

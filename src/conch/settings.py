@@ -38,7 +38,7 @@ HEADER = ("# The Magic Conch's settings for this machine, written by notebook 02
 
 def settings_path() -> Path:
     """``$CONCH_SETTINGS`` or ``conch_settings.yaml`` at the repository root."""
-    from .hub import repo_root
+    from .paths import repo_root
 
     return Path(os.environ.get("CONCH_SETTINGS") or repo_root() / FILENAME)
 

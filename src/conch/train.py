@@ -71,7 +71,7 @@ class TrainConfig:
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant | constant_with_warmup
     warmup: float = 0.1  # < 1: share of all steps; >= 1: number of steps
     weight_decay: float = 0.0
-    compute_type: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on modern GPUs, fp32 on CPU)
+    compute_type: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on modern GPUs and CPUs with native bf16)
     packing: bool = True  # padding-free packing: no compute spent on padding
     gradient_checkpointing: bool = False  # trade ~30% speed for much less activation memory
     # LoRA
@@ -254,8 +254,12 @@ def dtype_flags(compute_type: str, device):
         compute_type = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(device.dtype, "fp32")
     if compute_type not in ("bf16", "fp16", "fp32"):
         raise ConchError(f"compute_type must be auto, bf16, fp16 or fp32, got '{compute_type}'.")
-    if compute_type != "fp32" and device.device == "cpu":
-        raise ConchError(f"compute_type={compute_type} needs a GPU; use compute_type=fp32 (or auto) on CPU.")
+    if compute_type == "fp16" and device.device == "cpu":
+        raise ConchError("compute_type=fp16 needs a GPU; on a CPU use compute_type=auto (bf16 where the CPU has it, "
+                         "else fp32).")
+    if compute_type == "bf16" and device.device == "cpu" and device.dtype != torch.bfloat16:
+        raise ConchError("compute_type=bf16 needs a GPU or a CPU with native bfloat16 (AVX512-BF16 or AMX), which this "
+                         "one lacks; use compute_type=auto or fp32 (CONCH_CPU_DTYPE=bf16 forces the slow emulation).")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_type]
     return compute_type, dtype
 
@@ -279,9 +283,10 @@ def resume_point(setting: str | None, output_dir: Path) -> Path | str | None:
 def training_device(base_model: str, compute_type: str):
     """(the resolved base model, the device with the training dtype, the compute type's name)."""
     from . import hub
+    from .device import pick_device
 
     resolved = hub.resolve(base_model)
-    device = hub.pick_device()
+    device = pick_device()
     compute_type, dtype = dtype_flags(compute_type, device)
     return resolved, hub.Device(device.device, dtype, device.why), compute_type
 
@@ -346,7 +351,7 @@ def training_arguments(cfg: TrainConfig, compute_type: str, device: str, evaluat
         eval_strategy="steps" if evaluate else "no", eval_steps=getattr(cfg, "eval_steps", None),
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         seed=cfg.seed, report_to="none", remove_unused_columns=False, disable_tqdm=True,
-        dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        dataloader_num_workers=0, ddp_find_unused_parameters=False, prediction_loss_only=True,
     )
     if "activation_checkpointing" not in TrainingArguments.__dataclass_fields__:  # transformers before the rename
         values["gradient_checkpointing"] = values.pop("activation_checkpointing")
@@ -384,12 +389,27 @@ def features(examples: list) -> list[dict]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
 
-def make_trainer(model, tokenizer, args, train_ex: list, val_ex: list, packing: bool, callbacks: list):
-    """transformers' Trainer over the examples, with our callbacks instead of its printed logs."""
+def labelled_trainer_class():
+    """transformers' Trainer whose loss runs the LM head only where a label is set (``conch.loss``):
+    the prompt's positions cost nothing at the head and their float32 logits are never made."""
     from transformers import Trainer
+
+    from .loss import labelled_forward
+
+    class LabelledTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = labelled_forward(model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+    return LabelledTrainer
+
+
+def make_trainer(model, tokenizer, args, train_ex: list, val_ex: list, packing: bool, callbacks: list):
+    """transformers' Trainer (the ``labelled_trainer_class`` kind) over the examples, with our
+    callbacks instead of its printed logs."""
     from transformers.trainer_callback import PrinterCallback
 
-    trainer = Trainer(model=model, args=args, train_dataset=features(train_ex),
+    trainer = labelled_trainer_class()(model=model, args=args, train_dataset=features(train_ex),
                       eval_dataset=features(val_ex) if val_ex else None,
                       data_collator=collator(tokenizer, packing), processing_class=tokenizer, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # the Progress callback reports instead

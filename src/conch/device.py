@@ -1,0 +1,125 @@
+"""The one place where the device, the number format (dtype) and the CPU threads are chosen.
+
+``pick_device()``: bfloat16 on a GPU that has it (Ampere and newer), float16 on older GPUs; on a
+CPU, bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX: torch's oneDNN backend says
+so) and float32 elsewhere. Every choice comes with its reason in one line. ``CONCH_CPU_DTYPE``
+(``auto`` | ``bf16`` | ``fp32``) overrides the CPU's choice, e.g. ``fp32`` to compare with an
+older run. Training keeps its LoRA weights in float32 either way (autocast computes in bf16).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from .errors import ConchError
+
+CPU_DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class Device:
+    device: str  # "cuda", "mps" or "cpu"
+    dtype: "torch.dtype"  # noqa: F821
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.device} ({str(self.dtype).replace('torch.', '')}): {self.why}"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16, AMX, or Arm's BF16).
+
+    Without it torch still runs bfloat16 on the CPU, but emulated and slower than float32."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_dtype_setting() -> str:
+    value = (os.environ.get("CONCH_CPU_DTYPE") or "auto").strip().lower()
+    if value not in CPU_DTYPES:
+        raise ConchError(f"CONCH_CPU_DTYPE={value!r} must be one of {', '.join(CPU_DTYPES)}; fix it or unset it.")
+    return value
+
+
+def pick_device() -> Device:
+    """bf16 on GPUs that support it, fp16 on older GPUs; on a CPU bf16 where it is native, else fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        if torch.cuda.is_bf16_supported():
+            return Device("cuda", torch.bfloat16, f"{name} supports bfloat16")
+        return Device("cuda", torch.float16, f"{name} has no bfloat16, using float16")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return Device("mps", torch.float16, "Apple GPU (MPS)")
+    threads = set_threads()
+    setting, native = cpu_dtype_setting(), cpu_has_bf16()
+    if setting == "fp32":
+        return Device("cpu", torch.float32, f"no GPU found, float32 on {threads} CPU threads (CONCH_CPU_DTYPE=fp32)")
+    if setting == "bf16":
+        return Device("cpu", torch.bfloat16, f"no GPU found, bfloat16 on {threads} CPU threads (CONCH_CPU_DTYPE=bf16"
+                      + ("" if native else "; this CPU emulates it, slower than float32") + ")")
+    if native:
+        return Device("cpu", torch.bfloat16, f"no GPU found; this CPU computes bfloat16 natively (AVX512-BF16/AMX), "
+                      f"bfloat16 on {threads} CPU threads")
+    return Device("cpu", torch.float32, f"no GPU found; this CPU has no native bfloat16, float32 on {threads} CPU threads")
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use only the cores that are free: oversubscribed threads run about 10x slower.
+
+    ``n``, else ``CONCH_THREADS``, else measured: the cores this process may use minus the cores
+    that *other* processes keep busy (this process's own use is subtracted). The machine is
+    sampled over a few short windows and the quietest one counts, so a burst of another process
+    (an import, a short test) does not pin a whole training run to one thread; a process that is
+    busy all the time is seen in every window. At least one thread.
+    """
+    import torch
+
+    if n is None and os.environ.get("CONCH_THREADS"):
+        value = os.environ["CONCH_THREADS"]
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ConchError(f"CONCH_THREADS={value!r} must be a whole number of threads, 1 or more; "
+                             "fix it or unset it to use the free cores.")
+        n = int(value)
+    if n is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = max(1, min(cores, round(cores - busy_cores(cores))))
+    torch.set_num_threads(int(n))
+    return int(n)
+
+
+def cpu_times() -> tuple[float, float, float]:
+    """(all CPU seconds, idle seconds, seconds of this process), from psutil."""
+    machine = psutil.cpu_times()
+    own = psutil.Process().cpu_times()
+    busy_fields = ("user", "nice", "system", "irq", "softirq", "steal")
+    total = sum(getattr(machine, f, 0.0) for f in busy_fields) + machine.idle + getattr(machine, "iowait", 0.0)
+    return total, machine.idle + getattr(machine, "iowait", 0.0), own.user + own.system
+
+
+def busy_cores(cores: int, windows: int = 3, seconds: float = 0.1, sample=cpu_times) -> float:
+    """How many cores other processes are using: the least over ``windows`` windows of ``seconds``
+    each (0 where the counters cannot be read)."""
+    machine_cores = os.cpu_count() or cores
+    try:
+        readings = [sample()]
+        for _ in range(windows):
+            time.sleep(seconds)
+            readings.append(sample())
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return 0.0
+    loads = []
+    for (total0, idle0, own0), (total1, idle1, own1) in zip(readings, readings[1:]):
+        elapsed = max(total1 - total0, 1e-9)
+        others = (elapsed - (idle1 - idle0) - (own1 - own0)) / elapsed * machine_cores
+        loads.append(max(0.0, others))
+    return min(min(loads), cores)
