@@ -4,9 +4,11 @@ Ollama renders a model's prompt with Go's ``text/template``; Python cannot run G
 that an exported Modelfile builds the same prompt as the tokenizer's Jinja chat template we
 render it here. Supported: text, ``{{ pipeline }}``, the trim markers ``{{-`` / ``-}}``,
 ``if`` / ``else if`` / ``else`` / ``end``, ``range`` (with ``$i, $e :=``), variables (``$``,
-``$x :=``), fields (``.A.B``, ``$x.A``), string, number and boolean literals, parentheses and
-the functions ``eq ne lt le gt ge and or not len slice index``. Anything else raises
-``ValueError`` instead of being guessed at. ``render_ollama`` adds what Ollama does before it
+``$x :=``, ``$x =``), fields (``.A.B``, ``$x.A``), string, number and boolean literals,
+parentheses and the functions ``eq ne lt le gt ge and or not len slice index`` (on strings
+``len``, ``slice`` and ``index`` count UTF-8 bytes, as Go does). Anything else raises
+``ValueError`` instead of being guessed at; tests/test_gotemplate_parity.py compares the rest
+with Go's own text/template. ``render_ollama`` adds what Ollama does before it
 renders (its ``collate`` of messages and the data it passes to the template).
 """
 
