@@ -4,9 +4,11 @@ Ollama renders a model's prompt with Go's ``text/template``; Python cannot run G
 that an exported Modelfile builds the same prompt as the tokenizer's Jinja chat template we
 render it here. Supported: text, ``{{ pipeline }}``, the trim markers ``{{-`` / ``-}}``,
 ``if`` / ``else if`` / ``else`` / ``end``, ``range`` (with ``$i, $e :=``), variables (``$``,
-``$x :=``), fields (``.A.B``, ``$x.A``), string, number and boolean literals, parentheses and
-the functions ``eq ne lt le gt ge and or not len slice index``. Anything else raises
-``ValueError`` instead of being guessed at. ``render_ollama`` adds what Ollama does before it
+``$x :=``, ``$x =``), fields (``.A.B``, ``$x.A``), string, number and boolean literals,
+parentheses and the functions ``eq ne lt le gt ge and or not len slice index`` (on strings
+``len``, ``slice`` and ``index`` count UTF-8 bytes, as Go does). Anything else raises
+``ValueError`` instead of being guessed at; tests/test_gotemplate_parity.py compares the rest
+with Go's own text/template. ``render_ollama`` adds what Ollama does before it
 renders (its ``collate`` of messages and the data it passes to the template).
 """
 
@@ -120,7 +122,7 @@ def _expr(tokens):
     if any(k == "punct" and v == "|" for k, v in tokens):
         raise ValueError("pipes (|) are outside the supported subset")
     if len(tokens) >= 2 and tokens[0][0] == "var" and tokens[1] in (("decl", ":="), ("punct", "=")):
-        return ("set", tokens[0][1], _expr(tokens[2:]))
+        return ("set", tokens[0][1], _expr(tokens[2:]), tokens[1][1])
     args, rest = _command(tokens)
     if rest:
         raise ValueError(f"unexpected {rest[0][1]!r} in a template action")
@@ -174,15 +176,28 @@ def _get(obj, name):
 _FUNCS = {
     "eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b,
     "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
-    "not": lambda a: not truth(a), "len": len, "index": lambda a, *k: _index(a, k),
-    "slice": lambda a, *ij: a[ij[0]:ij[1]] if len(ij) == 2 else a[ij[0]:] if ij else a[:],
+    "not": lambda a: not truth(a), "len": lambda a: len(a.encode("utf-8") if isinstance(a, str) else a),
+    "index": lambda a, *k: _index(a, k), "slice": lambda a, *ij: _slice(a, ij),
 }
+
+
+# Go's strings are bytes: len, index and slice count UTF-8 bytes ("你好" has length 6), not characters
 
 
 def _index(a, keys):
     for k in keys:
-        a = a[k]
+        a = a.encode("utf-8")[k] if isinstance(a, str) else a[k]
     return a
+
+
+def _slice(a, ij):
+    cut = slice(*ij) if len(ij) == 2 else slice(ij[0], None) if ij else slice(None)
+    if not isinstance(a, str):
+        return a[cut]
+    try:
+        return a.encode("utf-8")[cut].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"slice {list(ij)} cuts a character of {a!r} in two (Go slices strings by bytes)") from None
 
 
 class _Scope:
@@ -212,9 +227,14 @@ def _eval(node, dot, scope):
         for part in fields:
             value = _get(value, part)
         return value
-    if kind == "set":
-        scope.vars[-1][node[1]] = _eval(node[2], dot, scope)
-        return None
+    if kind == "set":  # $x := declares in the innermost scope; $x = assigns where $x was declared, as Go does
+        value = _eval(node[2], dot, scope)
+        if node[3] == ":=":
+            scope.vars[-1][node[1]] = value
+        else:
+            scope.lookup(node[1])
+            next(frame for frame in reversed(scope.vars) if node[1] in frame)[node[1]] = value
+        return value  # a declaration's value is what {{ if $x := ... }} tests
     if kind == "call":
         name, args = node[1], node[2]
         if name == "and":  # Go evaluates and/or lazily and returns the deciding argument
@@ -269,7 +289,7 @@ def _run(nodes, dot, scope, out):
         elif node[0] == "range":
             _, names, expr, body, otherwise = node
             items = _eval(expr, dot, scope) or []
-            pairs = list(items.items()) if isinstance(items, dict) else list(enumerate(items))
+            pairs = sorted(items.items()) if isinstance(items, dict) else list(enumerate(items))  # Go sorts keys
             if not pairs:
                 scope.vars.append({})
                 _run(otherwise, dot, scope, out)
@@ -300,6 +320,14 @@ def render_ollama(template: str, messages: list[dict], system: str | None = None
     consecutive messages of one role are joined with a blank line (``collate``); ``.System`` is
     every system message joined the same way; ``.Messages`` keeps them all; ``.Response`` is empty.
     """
+    return render(template, ollama_data(messages, system))
+
+
+def ollama_data(messages: list[dict], system: str | None = None) -> dict:
+    """The data Ollama's chat endpoint passes to a TEMPLATE that uses ``.Messages`` (see ``render_ollama``).
+
+    Keys as in Ollama's ``template.Execute``; each message has the fields of its ``api.Message``
+    that a text chat sets (``Role``, ``Content``; the others are Go's zero values)."""
     messages = [dict(m) for m in messages]
     if system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
@@ -308,7 +336,7 @@ def render_ollama(template: str, messages: list[dict], system: str | None = None
         if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
             collated[-1]["Content"] += "\n\n" + m["content"]
         else:
-            collated.append({"Role": m["role"], "Content": m["content"]})
-    data = {"System": "\n\n".join(m["content"] for m in messages if m["role"] == "system"),
-            "Messages": collated, "Tools": None, "Response": "", "Think": False, "IsThinkSet": False}
-    return render(template, data)
+            collated.append({"Role": m["role"], "Content": m["content"], "Thinking": "", "ToolName": ""})
+    return {"System": "\n\n".join(m["content"] for m in messages if m["role"] == "system"),
+            "Messages": collated, "Tools": None, "Response": "", "Think": False, "IsThinkSet": False,
+            "Query": "", "Document": "", "Instruction": ""}
