@@ -83,10 +83,10 @@ browser:
 # The Java caller and the Vue page (tests/test_java_caller.py, tests/test_vue_page.py), as root on Debian/Ubuntu:
 # JDK 17, Debian's Spring 4.3 / Jackson / HttpClient 4.5 jars (Maven Central not needed), a CJK font for the
 # page's Chinese, Node.js if missing, and the page's npm packages from its lockfile; CI runs this first
-EXAMPLE_DEBS := default-jdk-headless libspring-web-java libjackson2-databind-java libhttpclient-java \
-	libcommons-logging-java fonts-noto-cjk
+EXAMPLE_DEBS := default-jdk-headless libspring-web-java libjackson2-databind-java libhttpclient5-java \
+	libhttpcore5-java libcommons-logging-java fonts-noto-cjk
 examples:
-	@if command -v javac >/dev/null && [ -f /usr/share/java/spring3-web.jar ] && [ -f /usr/share/java/httpclient.jar ] \
+	@if command -v javac >/dev/null && [ -f /usr/share/java/spring3-web.jar ] && [ -f /usr/share/java/httpclient5.jar ] && [ -f /usr/share/java/httpcore5.jar ] \
 		&& [ -f /usr/share/java/jackson-databind.jar ] && fc-list | grep -q "Noto Sans CJK" && command -v npm >/dev/null; then \
 		echo "the JDK, the Java jars, the CJK font and npm are installed"; \
 	else \
