@@ -2,6 +2,7 @@ package com.krustykrab.conch;
 
 import com.fasterxml.jackson.annotation.JsonInclude;
 import com.fasterxml.jackson.annotation.JsonProperty;
+import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
 
@@ -16,5 +17,18 @@ public record ChatRequest(String model, List<ChatMessage> messages,
     public static ChatRequest streaming(String model, List<ChatMessage> messages, Integer maxTokens,
                                         Double temperature) {
         return new ChatRequest(model, messages, maxTokens, temperature, true, Map.of("include_usage", true));
+    }
+
+    /** The request's messages: the system behaviour, the history (without its reasoning) and the question. */
+    public static List<ChatMessage> messages(String systemPrompt, List<ChatMessage> history, String question) {
+        List<ChatMessage> messages = new ArrayList<>();
+        if (systemPrompt != null && !systemPrompt.isBlank()) {
+            messages.add(ChatMessage.system(systemPrompt));
+        }
+        for (ChatMessage m : history) {
+            messages.add(new ChatMessage(m.role(), m.content(), null));
+        }
+        messages.add(ChatMessage.user(question));
+        return messages;
     }
 }

@@ -1,5 +1,9 @@
 package com.krustykrab.conch;
 
+import com.fasterxml.jackson.databind.JsonNode;
+import com.fasterxml.jackson.databind.ObjectMapper;
+import java.io.IOException;
+
 /**
  * The server refused the request: the HTTP status and the server's one-sentence reason
  * (its error shape is OpenAI's: {"error": {"message": ..., "type": ..., "code": ...}}).
@@ -31,5 +35,18 @@ public class ConchApiException extends RuntimeException {
             case 504 -> "the answer took longer than the server's --request_timeout_s; ask for fewer max_tokens";
             default -> status >= 400 && status < 500 ? "the request is wrong; retrying will not help" : null;
         };
+    }
+
+    /** The server's one sentence from {"error": {"message": ...}}; else the start of the body, else {@code fallback}. */
+    static String serverMessage(String body, String fallback) {
+        try {
+            JsonNode message = new ObjectMapper().readTree(body).path("error").path("message");
+            if (message.isTextual()) {
+                return message.asText();
+            }
+        } catch (IOException notJson) {
+            // a proxy's HTML page, for instance
+        }
+        return body.isBlank() ? fallback : body.substring(0, Math.min(body.length(), 200));
     }
 }

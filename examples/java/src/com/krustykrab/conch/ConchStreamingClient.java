@@ -68,7 +68,7 @@ public class ConchStreamingClient {
      */
     public Answer stream(List<ChatMessage> history, String question, Listener listener)
             throws IOException, InterruptedException {
-        ChatRequest body = ChatRequest.streaming(props.model, ConchClient.messages(props.systemPrompt, history, question),
+        ChatRequest body = ChatRequest.streaming(props.model, ChatRequest.messages(props.systemPrompt, history, question),
                 props.maxTokens, props.temperature);
         HttpRequest.Builder request = HttpRequest.newBuilder(URI.create(props.baseUrl + "/v1/chat/completions"))
                 .timeout(props.readTimeout)  // until the response headers; the server's own timeout ends the stream
@@ -80,65 +80,72 @@ public class ConchStreamingClient {
         }
         HttpResponse<Stream<String>> response = http.send(request.build(),
                 HttpResponse.BodyHandlers.ofLines());  // ofLines decodes UTF-8
+        try (Stream<String> lines = response.body()) {
+            if (response.statusCode() != 200) {
+                String text = String.join("\n", (Iterable<String>) lines::iterator);
+                throw new ConchApiException(response.statusCode(), ConchApiException.serverMessage(text, ""),
+                        ConchApiException.advice(response.statusCode()));
+            }
+            return read(lines.iterator(), listener);
+        }
+    }
+
+    /**
+     * The answer from the stream's lines ({@code data: {json}} events up to {@code data: [DONE]}), each piece
+     * passed to {@code listener} as it arrives; shared with the HttpClient 5 variant, which reads the same lines.
+     */
+    public static Answer read(Iterator<String> it, Listener listener) throws IOException {
         StringBuilder content = new StringBuilder();
         StringBuilder reasoning = new StringBuilder();
         String finishReason = null;
         List<Source> sources = null;
         Usage usage = null;
-        try (Stream<String> lines = response.body()) {
-            if (response.statusCode() != 200) {
-                String text = String.join("\n", (Iterable<String>) lines::iterator);
-                throw new ConchApiException(response.statusCode(), errorMessage(text),
-                        ConchApiException.advice(response.statusCode()));
+        boolean done = false;
+        while (it.hasNext()) {
+            String line = it.next();
+            if (!line.startsWith("data:")) {
+                continue;  // blank separator lines, comments (": ping"), event names
             }
-            Iterator<String> it = lines.iterator();
-            boolean done = false;
-            while (it.hasNext()) {
-                String line = it.next();
-                if (!line.startsWith("data:")) {
-                    continue;  // blank separator lines, comments (": ping"), event names
+            String data = line.substring(5).trim();
+            if (data.equals("[DONE]")) {
+                done = true;
+                break;
+            }
+            JsonNode event = JSON.readTree(data);
+            if (event.has("error")) {
+                throw new ConchApiException(500, event.path("error").path("message").asText("error in the stream"),
+                        "the server stopped this answer");
+            }
+            if (event.hasNonNull("sources")) {
+                sources = List.of(JSON.treeToValue(event.get("sources"), Source[].class));
+                listener.onSources(sources);
+            }
+            if (event.hasNonNull("usage")) {
+                usage = JSON.treeToValue(event.get("usage"), Usage.class);
+            }
+            for (JsonNode choice : event.path("choices")) {
+                JsonNode delta = choice.path("delta");
+                String thought = text(delta, "reasoning_content");
+                if (thought == null) {
+                    thought = text(delta, "reasoning");  // the name newer servers (and vLLM) use
                 }
-                String data = line.substring(5).trim();
-                if (data.equals("[DONE]")) {
-                    done = true;
-                    break;
+                if (thought != null && !thought.isEmpty()) {
+                    reasoning.append(thought);
+                    listener.onReasoning(thought);
                 }
-                JsonNode event = JSON.readTree(data);
-                if (event.has("error")) {
-                    throw new ConchApiException(500, event.path("error").path("message").asText("error in the stream"),
-                            "the server stopped this answer");
+                String piece = text(delta, "content");
+                if (piece != null && !piece.isEmpty()) {
+                    content.append(piece);
+                    listener.onContent(piece);
                 }
-                if (event.hasNonNull("sources")) {
-                    sources = List.of(JSON.treeToValue(event.get("sources"), Source[].class));
-                    listener.onSources(sources);
-                }
-                if (event.hasNonNull("usage")) {
-                    usage = JSON.treeToValue(event.get("usage"), Usage.class);
-                }
-                for (JsonNode choice : event.path("choices")) {
-                    JsonNode delta = choice.path("delta");
-                    String thought = text(delta, "reasoning_content");
-                    if (thought == null) {
-                        thought = text(delta, "reasoning");  // the name newer servers (and vLLM) use
-                    }
-                    if (thought != null && !thought.isEmpty()) {
-                        reasoning.append(thought);
-                        listener.onReasoning(thought);
-                    }
-                    String piece = text(delta, "content");
-                    if (piece != null && !piece.isEmpty()) {
-                        content.append(piece);
-                        listener.onContent(piece);
-                    }
-                    if (choice.hasNonNull("finish_reason")) {
-                        finishReason = choice.get("finish_reason").asText();
-                    }
+                if (choice.hasNonNull("finish_reason")) {
+                    finishReason = choice.get("finish_reason").asText();
                 }
             }
-            if (!done) {
-                throw new ConchApiException(502, "the stream ended before [DONE] (the server stopped or the "
-                        + "connection broke); the answer so far is incomplete", null);
-            }
+        }
+        if (!done) {
+            throw new ConchApiException(502, "the stream ended before [DONE] (the server stopped or the "
+                    + "connection broke); the answer so far is incomplete", null);
         }
         return new Answer(content.toString(), reasoning.toString(), finishReason, usage, sources);
     }
@@ -146,17 +153,5 @@ public class ConchStreamingClient {
     private static String text(JsonNode node, String field) {
         JsonNode value = node.get(field);
         return value == null || value.isNull() ? null : value.asText();
-    }
-
-    private static String errorMessage(String body) {
-        try {
-            JsonNode message = JSON.readTree(body).path("error").path("message");
-            if (message.isTextual()) {
-                return message.asText();
-            }
-        } catch (IOException notJson) {
-            // fall through
-        }
-        return body.length() > 200 ? body.substring(0, 200) : body;
     }
 }
