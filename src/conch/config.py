@@ -36,7 +36,9 @@ def _convert(cls, name: str, value, source: str):
         if kind in (int, float, str):
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return kind(float(value)) if kind is int and isinstance(value, str) and "e" in value.lower() else kind(value)
+            if kind is int and isinstance(value, str) and "e" in value.lower():
+                return kind(float(value))
+            return kind(value)
         if origin is list:
             items = value.split(",") if isinstance(value, str) else list(value)
             inner = args[0] if args else str

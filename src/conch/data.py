@@ -11,7 +11,8 @@ or given as a path (``.json`` list or ``.jsonl``):
 Each record becomes chat messages, is rendered with the model's *own* chat template, and every
 token but the final answer is masked with -100: the model learns to answer, not to repeat
 questions (LLaMA-Factory masks prompts the same way). Earlier answers of a multi-turn record
-are context only (LLaMA-Factory's ``mask_history: true``), so every record teaches one answer. The answer is built exactly the way inference will see it:
+are context only (LLaMA-Factory's ``mask_history: true``), so every record teaches one answer. The answer is
+built exactly the way inference will see it:
 the prompt is the template's generation prompt, and the answer is what must follow it. For
 DeepSeek-R1 the answer always comes after a think block, and ``reasoning`` chooses which:
 

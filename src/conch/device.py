@@ -70,7 +70,8 @@ def pick_device() -> Device:
     if native:
         return Device("cpu", torch.bfloat16, f"no GPU found; this CPU computes bfloat16 natively (AVX512-BF16/AMX), "
                       f"bfloat16 on {threads} CPU threads")
-    return Device("cpu", torch.float32, f"no GPU found; this CPU has no native bfloat16, float32 on {threads} CPU threads")
+    return Device("cpu", torch.float32,
+                  f"no GPU found; this CPU has no native bfloat16, float32 on {threads} CPU threads")
 
 
 def set_threads(n: int | None = None) -> int:

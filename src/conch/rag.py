@@ -46,7 +46,8 @@ NOT_FOUND_EN = "The documents do not say"
 _CJK = re.compile(r"[\u3400-\u9fff]")
 # error codes (E-03, e03), English words, numbers (3.29), runs of Chinese characters
 _PIECES = re.compile(r"\be\s?-?\s?\d{2}\b|[a-z]+|\d+(?:\.\d+)?|[\u3400-\u9fff]+")
-_STOP = set("的 了 吗 呢 吧 啊 呀 是 在 有 和 与 及 或 就 都 也 还 要 会 能 可以 我 你 他 她 它 我们 你们 这 那 这个 那个 "
+_STOP = set("的 了 吗 呢 吧 啊 呀 是 在 有 和 与 及 或 就 都 也 还 要 会 能 可以 我 你 他 她 它 "
+            "我们 你们 这 那 这个 那个 "
             "什么 怎么 怎么办 怎样 如何 哪 哪些 哪个 多少 几 请问 请 一下 一个 吗 呢 么 给 让 把 被 "
             "a an the is are was were be to of in on at for and or with by from as it its this that "
             "these those what which who how do does did i you we can could should would please there "
