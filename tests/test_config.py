@@ -67,3 +67,15 @@ def test_dict_overrides_keep_lists_and_none():
 def test_a_list_for_a_single_value_is_one_sentence():
     with pytest.raises(ConchError, match=r"'name' must be str, got \['a', 'b'\]"):
         load_config(Cfg, None, {"name": ["a", "b"]})
+
+
+def test_pyproject_declares_what_requirements_txt_lists():
+    """`pip install -e .` alone installs the learner's packages: pyproject's dependencies are requirements.txt's."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib comes with Python 3.11")
+
+    root = Path(__file__).resolve().parents[1]
+    listed = [line.split("#")[0].strip() for line in (root / "requirements.txt").read_text().splitlines()]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert declared == [line for line in listed if line]
