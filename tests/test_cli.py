@@ -40,6 +40,14 @@ def test_help_lists_every_stage():
                                         "export", "serve"]
 
 
+def test_a_stage_help_lists_its_options_with_underscores(capsys):
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--api_key" in out and "--insecure" in out and "--max_tokens_limit" in out and "--api-key" not in out
+    assert main(["chat", "-h"]) == 0
+    assert "--max_new_tokens" in capsys.readouterr().out
+
+
 def test_normalize_touches_option_names_only():
     assert normalize(["chat", "--max-new-tokens", "5", "--question", "a-b --c", "--cache-dir=/x-y", "-h", "-5"]) == \
         ["chat", "--max_new_tokens", "5", "--question", "a-b --c", "--cache_dir=/x-y", "-h", "-5"]

@@ -203,7 +203,8 @@ def _usage_error(sentence: str) -> int:
     return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(list_fields: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``list_fields``: name every config field in each stage's help (imports each stage's module)."""
     parser = _Parser(prog="python -m conch", description=__doc__.splitlines()[0], allow_abbrev=False,
                      epilog="Options are spelled with underscores (--max_new_tokens); dashes work too.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(s.name for s in STAGES) + "}")
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", action="append" if stage.multiple_configs else "store", default=None,
                            help=f"YAML file{'(s); later ones override earlier ones' if stage.multiple_configs else ''} "
                                 f"with {stage.config.partition(':')[2]} fields{default}")
-            p.epilog = f"Any {stage.config.partition(':')[2]} field is an option: --field value (--flag alone means true)."
+            p.epilog = f"Any {stage.config.partition(':')[2]} field is an option: --field value (--flag alone means true)" + \
+                (f": {', '.join('--' + n for n in stage.config_fields())}." if list_fields else ".")
         p.set_defaults(stage_entry=stage)
     return parser
 
@@ -227,8 +229,9 @@ def parse(argv: list[str] | None = None):
     """``argv`` -> (the `Stage`, its parsed options, its config or None); a usage mistake raises SystemExit(2)."""
     from .config import load_config, parse_cli_overrides
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(normalize(list(sys.argv[1:] if argv is None else argv)))
+    argv = normalize(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser(list_fields=any(a in ("-h", "--help") for a in argv))
+    args, extra = parser.parse_known_args(argv)
     stage: Stage = args.stage_entry
     fields = stage.config_fields()
     unknown = [a.partition("=")[0] for a in extra if a.startswith("--") and a[2:].partition("=")[0] not in fields]
