@@ -84,7 +84,7 @@ def test_from_download_to_training_and_chat_on_an_autodl_instance(tmp_path, tiny
     assert Path(adapter["base_model_name_or_path"]).resolve() == resolved.path
 
     chatted = stage("chat", "--adapter", "outputs/magic_conch_lora", "--question", "你是谁？",
-                    "--max-new-tokens", "4", "--temperature", "0")
+                    "--max_new_tokens", "4", "--temperature", "0")
     assert f"found at {resolved.path}" in chatted
 
     shown = stage("settings")

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from conch import chat, data, export, gotemplate, hub
+from conch import chat, data, export, gotemplate, hub, reasoning
 from conch.__main__ import main
 from conch.errors import ConchError
 
@@ -97,9 +97,77 @@ def test_unknown_chat_template_is_refused(tiny_r1):
         export.translate_template(tok)
 
 
-def test_sampling_parameters(tiny_r1, demo_path):
-    assert export.sampling_parameters(tiny_r1)["temperature"] == 0.6  # R1's generation_config
-    assert export.sampling_parameters(demo_path) | {"why": ""} == export.R1_SAMPLING | {"why": ""}
+def _sampling_lines(tmp_path, parameters):
+    """The Modelfile's sampling comment and PARAMETER lines (no GGUF needed: only the text is checked)."""
+    tr = export.Translation("chatml", "{{ .Prompt }}", "", ["<|im_end|>"])
+    path = tmp_path / "Modelfile"
+    export.write_modelfile(path, "m.gguf", tr, parameters, "src", "sandy")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    comment = lines.index(next(ln for ln in lines if ln.startswith("PARAMETER stop"))) + 1
+    return lines[comment], lines[comment + 1:], export.parse_modelfile(path)["parameters"]
+
+
+def test_sampling_of_a_reasoning_model_is_r1s_recommendation(tiny_r1, tmp_path):
+    params = export.sampling_parameters(tiny_r1)
+    assert params | {"why": ""} == export.R1_SAMPLING | {"why": ""}
+    comment, lines, parsed = _sampling_lines(tmp_path, params)
+    assert comment.startswith("# sampling: DeepSeek-R1's recommendation for a reasoning model")
+    assert lines == ["PARAMETER temperature 0.6", "PARAMETER top_p 0.95"]
+    assert parsed == {"temperature": "0.6", "top_p": "0.95"}
+
+
+def test_sampling_of_the_real_r1_tokenizer_both_template_revisions(r1_real_paths, tmp_path):
+    """January's template leaves <think> to the model, February's opens it: both are reasoning models."""
+    for name, folder in r1_real_paths.items():
+        tok = hub.load_tokenizer(folder)
+        assert reasoning.is_reasoning_model(tok), name
+        gen = tmp_path / name
+        gen.mkdir()
+        # even where the model's own generation_config says otherwise, a reasoning model gets R1's recommendation
+        (gen / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 1.0}))
+        assert export.sampling_parameters(gen, tok) | {"why": ""} == export.R1_SAMPLING | {"why": ""}
+
+
+def test_sampling_of_a_chat_model_without_sampling_values_is_left_to_ollama(demo_path, tmp_path):
+    """The demo's ChatML model: no R1 numbers, and its generation_config.json has no sampling values."""
+    tok = hub.load_tokenizer(demo_path)
+    assert not reasoning.is_reasoning_model(tok)
+    params = export.sampling_parameters(demo_path)
+    assert list(params) == ["why"]
+    comment, lines, parsed = _sampling_lines(tmp_path, params)
+    assert comment.startswith("# no sampling parameters: not a reasoning model") and "Ollama's defaults" in comment
+    assert lines == [] and parsed == {}
+    assert "DeepSeek-R1" not in (tmp_path / "Modelfile").read_text(encoding="utf-8")
+
+
+def test_sampling_of_a_chat_model_follows_its_generation_config(demo_path, tmp_path):
+    tok = hub.load_tokenizer(demo_path)
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "eos_token_id": 2}))
+    params = export.sampling_parameters(folder, tok)
+    assert params | {"why": ""} == {"why": "", "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repeat_penalty": 1.1}
+    comment, lines, parsed = _sampling_lines(tmp_path, params)
+    assert comment == "# sampling: the model's own, from its generation_config.json"
+    assert parsed == {"temperature": "0.2", "top_p": "0.9", "top_k": "50", "repeat_penalty": "1.1"}
+
+
+def test_the_closing_line_names_the_model_name(monkeypatch, tmp_path, capsys):
+    """`conch export --model_name sandy` ends with `ollama create sandy`, not the default name."""
+    class Result:
+        output_dir, template_family, template_cases, stop = tmp_path / "gguf", "chatml", 5, ["<|im_end|>"]
+
+        def table(self):
+            return "| table |"
+
+    seen = []
+    monkeypatch.setattr(export, "export", lambda cfg: seen.append(cfg) or Result())
+    assert main(["export", "--model-name", "sandy", "--output_dir", str(tmp_path / "gguf")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert seen[0].model_name == "sandy"
+    assert last == f"Ollama:    cd {tmp_path / 'gguf'} && ollama create sandy -f Modelfile && ollama run sandy"
+    assert "magic-conch" not in last
 
 
 # ---------------------------------------------------------------------------------------------

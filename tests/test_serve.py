@@ -426,3 +426,58 @@ def test_the_readmes_curl_commands_work_as_written(demo_server, readme):
     for command in commands:
         done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and done.stdout.lstrip().startswith(("{", "data:")), (command, done.stdout[:300])
+
+
+# ---------------------------------------------------------------------------------------------
+# a host beyond loopback needs an API key (or --insecure): checked before any model is loaded
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost", "LOCALHOST"])
+def test_open_host_check_lets_loopback_serve_without_a_key(host, monkeypatch, capsys):
+    from conch.serve import ServeConfig, check_config
+
+    monkeypatch.delenv("CONCH_API_KEY", raising=False)
+    check_config(ServeConfig(host=host))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "my-gpu-box", ""])
+def test_open_host_check_refuses_a_host_beyond_loopback_without_a_key(host, monkeypatch):
+    from conch.errors import ConchError
+    from conch.serve import ServeConfig, check_config
+
+    monkeypatch.delenv("CONCH_API_KEY", raising=False)
+    with pytest.raises(ConchError) as e:
+        check_config(ServeConfig(host=host))
+    message = str(e.value)
+    assert "export CONCH_API_KEY=" in message and "--api_key" in message and "--insecure" in message
+    assert "\n" not in message and message.count(". ") == 0  # one sentence
+
+
+def test_open_host_check_accepts_a_key_from_the_option_or_the_environment(monkeypatch, capsys):
+    from conch.serve import ServeConfig, check_config
+
+    monkeypatch.delenv("CONCH_API_KEY", raising=False)
+    check_config(ServeConfig(host="0.0.0.0", api_key="krabby-patty-secret"))
+    monkeypatch.setenv("CONCH_API_KEY", "krabby-patty-secret")
+    check_config(ServeConfig(host="0.0.0.0"))
+    assert capsys.readouterr().err == ""
+
+
+def test_open_host_check_insecure_serves_with_a_one_line_warning(monkeypatch, capsys):
+    from conch.serve import ServeConfig, check_config
+
+    monkeypatch.delenv("CONCH_API_KEY", raising=False)
+    check_config(ServeConfig(host="0.0.0.0", port=6006, insecure=True))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and err.count("\n") == 1 and "0.0.0.0:6006" in err and "--insecure" in err
+
+
+def test_open_host_check_from_the_command_line(monkeypatch, capsys):
+    """`conch serve --host 0.0.0.0` without a key: one sentence and exit code 2, before any model is loaded."""
+    from conch.__main__ import main
+
+    monkeypatch.delenv("CONCH_API_KEY", raising=False)
+    assert main(["serve", "--model", "demo", "--host", "0.0.0.0", "--port", "6006"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host 0.0.0.0 lets other machines reach the server") and err.count("\n") == 1

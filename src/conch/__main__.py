@@ -1,28 +1,39 @@
 """The command line: ``python -m conch <stage> [--key value ...]``.
 
 Stages: ``run`` (the whole pipeline), ``download``, ``settings``, ``chat``, ``train``, ``dpo``, ``eval``,
-``merge``, ``export``, ``serve``. Every stage reads its
-config dataclass from ``--config file.yaml`` and takes any of its fields as ``--key value``.
-A mistake the user can fix ends in one sentence on stderr and exit code 2.
+``merge``, ``export``, ``serve``. Every stage that has a config dataclass reads it from
+``--config file.yaml`` and takes any of its fields as ``--key value``.
+
+One dialect: options are spelled with underscores (``--max_new_tokens``); the dashed spelling
+(``--max-new-tokens``) is accepted everywhere as an alias. The stages are one table, `STAGES`
+(as litgpt's CLI lists its commands): each `Stage` names its handler, its config dataclass, its
+own options and its help. A mistake the user can fix ends in one sentence on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import re
 import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import ConchError
 
 
-def _cmd_run(args, extra):
-    from .pipeline import RunConfig, run
-
-    from .config import load_config, parse_cli_overrides
-
-    run(load_config(RunConfig, args.config, parse_cli_overrides(extra)))
+# ---------------------------------------------------------------------------------------------
+# the handlers: each gets the parsed options (a Namespace) and the config, when the stage has one
 
 
-def _cmd_download(args, extra):
+def _cmd_run(args, cfg):
+    from .pipeline import run
+
+    run(cfg)
+
+
+def _cmd_download(args, cfg):
     from . import hub, settings
 
     resolved = hub.fetch(args.model, source=args.source, cache_dir=args.cache_dir)
@@ -30,13 +41,13 @@ def _cmd_download(args, extra):
     print(f"settings ({settings.settings_path()}; every notebook and command reads them):\n{settings.load()}")
 
 
-def _cmd_settings(args, extra):
+def _cmd_settings(args, cfg):
     from . import settings
 
     print(settings.load())
 
 
-def _cmd_chat(args, extra):
+def _cmd_chat(args, cfg):
     from . import chat, hub
 
     model, tokenizer = chat.load(args.model, args.adapter)
@@ -52,34 +63,30 @@ def _cmd_chat(args, extra):
         chat.chat_loop(model, tokenizer, gen, system=args.system)
 
 
-def _cmd_train(args, extra):
-    from .config import load_config, parse_cli_overrides
-    from .train import TrainConfig, train
+def _cmd_train(args, cfg):
+    from .train import train
 
-    train(load_config(TrainConfig, args.config or ["configs/magic_conch_lora.yaml"], parse_cli_overrides(extra)))
-
-
-def _cmd_dpo(args, extra):
-    from .config import load_config, parse_cli_overrides
-    from .dpo import DpoConfig, dpo
-
-    dpo(load_config(DpoConfig, args.config or ["configs/magic_conch_dpo.yaml"], parse_cli_overrides(extra)))
+    train(cfg)
 
 
-def _cmd_eval(args, extra):
-    from .config import load_config, parse_cli_overrides
-    from .evaluate import EvalConfig, evaluate
+def _cmd_dpo(args, cfg):
+    from .dpo import dpo
 
-    report = evaluate(load_config(EvalConfig, args.config, parse_cli_overrides(extra)))
+    dpo(cfg)
+
+
+def _cmd_eval(args, cfg):
+    from .evaluate import evaluate
+
+    report = evaluate(cfg)
     print(report.table())
     print(f"report: {report.md_path} (side by side) and {report.json_path}")
 
 
-def _cmd_merge(args, extra):
-    from .config import load_config, parse_cli_overrides
-    from .merge import MergeConfig, merge
+def _cmd_merge(args, cfg):
+    from .merge import merge
 
-    result = merge(load_config(MergeConfig, args.config, parse_cli_overrides(extra)))
+    result = merge(cfg)
     print(f"merged in fp32: max logit difference vs base+adapter {result.max_logit_diff:.2e} "
           f"({result.relative_diff:.1e} relative, tolerance {result.tolerance:g})\n"
           f"saved in {result.dtype} to {result.output_dir}: {result.size_bytes / 2**20:,.0f} MiB; reloaded, its logits "
@@ -87,87 +94,167 @@ def _cmd_merge(args, extra):
           f"{result.saved_top1:.1%} of the check positions")
 
 
-def _cmd_export(args, extra):
-    from .config import load_config, parse_cli_overrides
-    from .export import ExportConfig, export
+def _cmd_export(args, cfg):
+    from .export import export, ollama_commands
 
-    result = export(load_config(ExportConfig, args.config, parse_cli_overrides(extra)))
+    result = export(cfg)
     print(result.table())
     print(f"template ({result.template_family}) checked on {result.template_cases} conversations; stop {result.stop}")
-    print(f"Ollama:    cd {result.output_dir} && ollama create magic-conch -f Modelfile && ollama run magic-conch")
+    print(f"Ollama:    {ollama_commands(result.output_dir, cfg.model_name)}")
 
 
-def _cmd_serve(args, extra):
-    from .config import load_config, parse_cli_overrides
-    from .serve import ServeConfig, serve
+def _cmd_serve(args, cfg):
+    from .serve import serve
 
-    serve(load_config(ServeConfig, args.config, parse_cli_overrides(extra)))
+    serve(cfg)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m conch", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="stage", required=True)
+# ---------------------------------------------------------------------------------------------
+# the table of stages
 
-    p = sub.add_parser("run", help="the whole pipeline, end to end (demo model on CPU)")
-    p.add_argument("--config", default=None, help="YAML with RunConfig fields")
-    p.set_defaults(func=_cmd_run, extra_ok=True)
 
-    p = sub.add_parser("download", help="download the base model once and save the choice in conch_settings.yaml")
-    p.add_argument("--model", default=None, help="auto | demo | hub id | local folder (default: auto, i.e. the "
-                   "saved choice, else the 1.5B model with a CUDA GPU and demo without)")
-    p.add_argument("--source", default=None, help="huggingface | mirror (hf-mirror.com) | modelscope "
-                   "(default: the saved one; mirror on AutoDL, huggingface elsewhere)")
-    p.add_argument("--cache-dir", default=None, help="where downloads go (default: the saved one; "
-                   "/root/autodl-tmp/model-cache on AutoDL, the library's ~/.cache elsewhere)")
-    p.set_defaults(func=_cmd_download)
+@dataclass(frozen=True)
+class Option:
+    """An option of the stage itself (not a config field), spelled with underscores."""
 
-    p = sub.add_parser("settings", help="show the model source, cache folder and downloaded models, and where each comes from")
-    p.set_defaults(func=_cmd_settings)
+    name: str
+    help: str = ""
+    type: Callable = str
+    default: object = None
+    append: bool = False
 
-    p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one --question)")
-    p.add_argument("--model", default="auto", help="auto | demo | hub id | local or merged folder")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to put on top")
-    p.add_argument("--question", default=None, help="answer this one question and exit")
-    p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's")
-    p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("train", help="LoRA fine-tuning; any TrainConfig field as --key value")
-    p.add_argument("--config", action="append", default=None, help="YAML file(s); later ones override "
-                   "earlier ones (default: configs/magic_conch_lora.yaml)")
-    p.set_defaults(func=_cmd_train, extra_ok=True)
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    handler: Callable
+    config: str | None = None  # "module:Class": the config dataclass; its fields are --key value options
+    default_configs: tuple = ()  # YAML files read when --config is not given
+    options: tuple = ()  # Option, for stages without a config dataclass (or besides it)
+    multiple_configs: bool = False  # --config may be given more than once (later files override earlier ones)
 
-    p = sub.add_parser("dpo", help="preference tuning (DPO) on the merged SFT model; any DpoConfig field")
-    p.add_argument("--config", action="append", default=None, help="YAML file(s); later ones override "
-                   "earlier ones (default: configs/magic_conch_dpo.yaml; on CPU add configs/magic_conch_dpo_cpu.yaml)")
-    p.set_defaults(func=_cmd_dpo, extra_ok=True)
+    def config_class(self):
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(f"conch.{module}"), name)
 
-    p = sub.add_parser("eval", help="base vs fine-tuned on the held-out set; any EvalConfig field as --key value")
-    p.add_argument("--config", default=None)
-    p.set_defaults(func=_cmd_eval, extra_ok=True)
+    def config_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_class())] if self.config else []
 
-    p = sub.add_parser("merge", help="merge the LoRA adapter into the base model; --base_model --adapter --output_dir")
-    p.add_argument("--config", default=None)
-    p.set_defaults(func=_cmd_merge, extra_ok=True)
+    def option_names(self) -> list[str]:
+        own = [o.name for o in self.options] + (["config"] if self.config else [])
+        return own + self.config_fields()
 
-    p = sub.add_parser("export", help="the merged model as GGUF + Ollama Modelfile, verified; any ExportConfig field")
-    p.add_argument("--config", default=None)
-    p.set_defaults(func=_cmd_export, extra_ok=True)
 
-    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible); any ServeConfig field")
-    p.add_argument("--config", default=None)
-    p.set_defaults(func=_cmd_serve, extra_ok=True)
+STAGES = (
+    Stage("run", "the whole pipeline, end to end (demo model on CPU); any RunConfig field as --key value",
+          _cmd_run, config="pipeline:RunConfig"),
+    Stage("download", "download the base model once and save the choice in conch_settings.yaml", _cmd_download,
+          options=(Option("model", "auto | demo | hub id | local folder (default: auto, i.e. the saved choice, "
+                                   "else the 1.5B model with a CUDA GPU and demo without)"),
+                   Option("source", "huggingface | mirror (hf-mirror.com) | modelscope (default: the saved one; "
+                                    "mirror on AutoDL, huggingface elsewhere)"),
+                   Option("cache_dir", "where downloads go (default: the saved one; /root/autodl-tmp/model-cache "
+                                       "on AutoDL, the library's ~/.cache elsewhere)"))),
+    Stage("settings", "show the model source, cache folder and downloaded models, and where each comes from",
+          _cmd_settings),
+    Stage("chat", "chat with a model in the terminal (or answer one --question)", _cmd_chat,
+          options=(Option("model", "auto | demo | hub id | local or merged folder", default="auto"),
+                   Option("adapter", "a LoRA adapter folder to put on top"),
+                   Option("question", "answer this one question and exit"),
+                   Option("system", "a system prompt"),
+                   Option("max_new_tokens", "the longest answer, in tokens", type=int, default=512),
+                   Option("temperature", "0 = greedy; default: the model's", type=float))),
+    Stage("train", "LoRA fine-tuning; any TrainConfig field as --key value", _cmd_train, config="train:TrainConfig",
+          default_configs=("configs/magic_conch_lora.yaml",), multiple_configs=True),
+    Stage("dpo", "preference tuning (DPO) on the merged SFT model; any DpoConfig field as --key value", _cmd_dpo,
+          config="dpo:DpoConfig", default_configs=("configs/magic_conch_dpo.yaml",), multiple_configs=True),
+    Stage("eval", "base vs fine-tuned on the held-out set; any EvalConfig field as --key value", _cmd_eval,
+          config="evaluate:EvalConfig"),
+    Stage("merge", "merge the LoRA adapter into the base model; --base_model --adapter --output_dir", _cmd_merge,
+          config="merge:MergeConfig"),
+    Stage("export", "the merged model as GGUF + Ollama Modelfile, verified; any ExportConfig field as --key value",
+          _cmd_export, config="export:ExportConfig"),
+    Stage("serve", "serve a model over HTTP (OpenAI-compatible); any ServeConfig field as --key value", _cmd_serve,
+          config="serve:ServeConfig"),
+)
+
+_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9_-]*")
+
+
+def normalize(argv: list[str]) -> list[str]:
+    """The dashed spelling of every option as the underscore one: ``--max-new-tokens=5`` -> ``--max_new_tokens=5``."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(name[:2] + name[2:].replace("-", "_") + eq + value if _OPTION.fullmatch(name) else arg)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one sentence on stderr (and exit code 2), like every other error."""
+
+    def error(self, message):
+        raise SystemExit(_usage_error(f"{message}; see `{self.prog} --help`."))
+
+
+def _usage_error(sentence: str) -> int:
+    print(f"error: {sentence}", file=sys.stderr)
+    return 2
+
+
+def build_parser(list_fields: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``list_fields``: name every config field in each stage's help (imports each stage's module)."""
+    parser = _Parser(prog="python -m conch", description=__doc__.splitlines()[0], allow_abbrev=False,
+                     epilog="Options are spelled with underscores (--max_new_tokens); dashes work too.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(s.name for s in STAGES) + "}")
+    for stage in STAGES:
+        # no abbreviations: --max_new_token is a typo here as it is for a config field, not --max_new_tokens
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help, allow_abbrev=False)
+        for o in stage.options:
+            p.add_argument(f"--{o.name}", type=o.type, default=o.default, help=o.help,
+                           action="append" if o.append else "store")
+        if stage.config:
+            default = f" (default: {', '.join(stage.default_configs)})" if stage.default_configs else ""
+            p.add_argument("--config", action="append" if stage.multiple_configs else "store", default=None,
+                           help=f"YAML file{'(s); later ones override earlier ones' if stage.multiple_configs else ''} "
+                                f"with {stage.config.partition(':')[2]} fields{default}")
+            p.epilog = f"Any {stage.config.partition(':')[2]} field is an option: --field value (--flag alone means true)" + \
+                (f": {', '.join('--' + n for n in stage.config_fields())}." if list_fields else ".")
+        p.set_defaults(stage_entry=stage)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse(argv: list[str] | None = None):
+    """``argv`` -> (the `Stage`, its parsed options, its config or None); a usage mistake raises SystemExit(2)."""
+    from .config import load_config, parse_cli_overrides
+
+    argv = normalize(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser(list_fields=any(a in ("-h", "--help") for a in argv))
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "extra_ok", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    stage: Stage = args.stage_entry
+    fields = stage.config_fields()
+    unknown = [a.partition("=")[0] for a in extra if a.startswith("--") and a[2:].partition("=")[0] not in fields]
+    options = ", ".join("--" + n for n in stage.option_names()) or "none but --help"
+    if extra and not extra[0].startswith("--"):
+        raise SystemExit(_usage_error(f"`{parser.prog} {stage.name}` takes no argument {extra[0]!r}; options are "
+                                      f"given as --key value (its options: {options})."))
+    if extra and (unknown or not stage.config):
+        raise SystemExit(_usage_error(f"`{parser.prog} {stage.name}` has no option {(unknown or extra)[0]}; its "
+                                      f"options are: {options} (underscores or dashes, see --help)."))
+    if not stage.config:
+        return stage, args, None
+    files = args.config if args.config is not None else list(stage.default_configs) or None
+    return stage, args, load_config(stage.config_class(), files, parse_cli_overrides(extra))
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        args.func(args, extra)
+        try:
+            stage, args, cfg = parse(argv)
+        except SystemExit as e:  # argparse: --help (0) or a usage mistake (2), already printed
+            return e.code if isinstance(e.code, int) else 2
+        stage.handler(args, cfg)
     except ConchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -74,21 +74,26 @@ def load_config(cls, path: str | Path | list | None = None, overrides: list[str]
 
 
 def parse_cli_overrides(args: list[str]) -> list[str]:
-    """``--key value --flag=x`` (what a CLI user types) -> ``["key=value", "flag=x"]``."""
+    """``--key value --flag --other-key=x`` (what a CLI user types) -> ``["key=value", "flag=true", "other_key=x"]``.
+
+    Keys are spelled with underscores, like the config fields; the dashed spelling is accepted as an alias.
+    """
     out, i = [], 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
             raise ConchError(f"unexpected argument '{arg}'; settings are given as --key value.")
-        if "=" in arg:
-            out.append(arg[2:])
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
             i += 1
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out.append(f"{arg[2:]}={args[i + 1]}")
+            value = args[i + 1]
             i += 2
         else:
-            out.append(f"{arg[2:]}=true")
+            value = "true"
             i += 1
+        out.append(f"{key}={value}")
     return out
 
 

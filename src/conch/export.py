@@ -4,7 +4,9 @@
 (``convert_hf_to_gguf.py``, taken from the pinned ``llama-cpp-python`` sdist on PyPI; nothing
 is compiled) into one GGUF per ``outtypes`` (f16 and q8_0 by default) and writes an Ollama
 ``Modelfile``: the model's real chat template translated to Ollama's Go template, its stop
-token and its sampling defaults. Then it checks, and keeps the export only if every check passes:
+token and sampling that follows the model (R1's recommendation for a reasoning model, else its
+generation_config's values, else none: `sampling_parameters`). Then it checks, and keeps the
+export only if every check passes:
 
 - the template: for several conversations (one question, a system prompt, earlier turns) the
   Modelfile's TEMPLATE, rendered as Ollama renders it (``conch.gotemplate``), plus the BOS that
@@ -55,7 +57,7 @@ QUANTIZER_OUTTYPES = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q4_0": "Q4_0"}  #
 MIN_TOP1 = {"f32": 0.999, "f16": 0.99, "bf16": 0.97, "q8_0": 0.95, "q4_k_m": 0.85, "q5_k_m": 0.9, "q4_0": 0.8}
 MAX_DRIFT = {"f32": 1e-4, "f16": 0.02, "bf16": 0.05, "q8_0": 0.1, "q4_k_m": 0.3, "q5_k_m": 0.25, "q4_0": 0.4}
 
-R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended defaults
+R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended defaults, for reasoning models only
 
 
 @dataclass
@@ -329,15 +331,39 @@ def parse_modelfile(path: Path) -> dict:
     return out
 
 
-def sampling_parameters(merged_dir: Path) -> dict:
-    """temperature/top_p from generation_config.json where the model samples, else R1's recommended ones."""
-    file = merged_dir / "generation_config.json"
+SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repetition_penalty": "repeat_penalty"}  # generation_config.json name -> Ollama PARAMETER
+
+
+def sampling_parameters(merged_dir: Path, tokenizer=None) -> dict:
+    """The Modelfile's sampling PARAMETERs, following the model, with ``why`` (the comment above them).
+
+    A reasoning model (told from its chat template, `conch.reasoning.is_reasoning_model`): DeepSeek-R1's
+    recommendation, temperature 0.6 and top_p 0.95 (lower and it repeats itself, higher and it rambles).
+    Any other model: the sampling values in its own generation_config.json; without any, no sampling
+    lines at all, so Ollama's defaults apply.
+    """
+    from .reasoning import is_reasoning_model
+
+    if tokenizer is None:
+        from .hub import load_tokenizer
+
+        tokenizer = load_tokenizer(merged_dir)
+    if is_reasoning_model(tokenizer):
+        return {"why": "sampling: DeepSeek-R1's recommendation for a reasoning model (its chat template thinks in "
+                       "<think>...</think>)", **R1_SAMPLING}
+    file = Path(merged_dir) / "generation_config.json"
     gen = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
-    if gen.get("do_sample") and gen.get("temperature"):
-        return {"why": f"sampling from {file.name}", "temperature": gen["temperature"],
-                "top_p": gen.get("top_p", 1.0)}
-    return {"why": "DeepSeek-R1's recommended sampling (the model's generation_config does not sample)",
-            **R1_SAMPLING}
+    own = {ollama: gen[key] for key, ollama in SAMPLING_KEYS.items() if gen.get(key) is not None}
+    if own:
+        return {"why": f"sampling: the model's own, from its {file.name}", **own}
+    return {"why": f"no sampling parameters: not a reasoning model and its {file.name} sets none, so Ollama's "
+                   "defaults apply"}
+
+
+def ollama_commands(output_dir: str | Path, model_name: str) -> str:
+    """The shell line that loads the export into Ollama under ``model_name`` and starts a chat."""
+    return f"cd {output_dir} && ollama create {model_name} -f Modelfile && ollama run {model_name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +480,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     translation = translate_template(tokenizer)
     records = data.load_records(cfg.eval_dataset, cfg.dataset_dir, max_samples=cfg.max_questions)
     prompts = [m[:-1] for m in records]
-    parameters = sampling_parameters(merged)
+    parameters = sampling_parameters(merged, tokenizer)
 
     out = Path(cfg.output_dir)
     tmp = out.with_name(out.name + ".tmp")

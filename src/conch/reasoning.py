@@ -18,6 +18,27 @@ def prompt_opens_think(prompt: str) -> bool:
     return prompt.rstrip().endswith(THINK_OPEN)
 
 
+def is_reasoning_model(tokenizer) -> bool:
+    """True for a model that thinks in ``<think>…</think>`` before it answers (DeepSeek-R1 and its distills).
+
+    Told from its chat template: either the generation prompt opens the think block (R1's
+    template since February 2025), or the template handles ``</think>`` in earlier answers
+    (R1's January template cuts them to the text after it). A ChatML model such as the demo's
+    SmolLM2 does neither.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        return False
+    if THINK_CLOSE in template:
+        return True
+    try:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False,
+                                               add_generation_prompt=True)
+    except Exception:  # a template that cannot render a plain question is no reasoning template we know
+        return False
+    return prompt_opens_think(prompt)
+
+
 def split_reasoning(text: str, prompt_opened_think: bool = False) -> tuple[str, str]:
     """Split generated text into (reasoning, answer), both stripped of surrounding whitespace."""
     opened = prompt_opened_think

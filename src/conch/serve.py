@@ -47,7 +47,8 @@ class ServeConfig:
     served_model_name: str = "magic-conch"
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # or env CONCH_API_KEY; None: no auth
+    api_key: str | None = None  # or env CONCH_API_KEY; None: no auth (refused beyond loopback unless insecure)
+    insecure: bool = False  # serve a host beyond loopback without an API key, knowingly
     cors_origins: list[str] = field(default_factory=list)  # e.g. ["http://localhost:5173"]
     max_batch_size: int = 16
     max_queue: int = 64
@@ -193,6 +194,37 @@ def _exit_now(*_) -> None:
     os._exit(0)
 
 
+def is_loopback(host: str) -> bool:
+    """True for hosts only this machine can reach: 127.0.0.0/8, ::1 and localhost."""
+    import ipaddress
+
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name (or "" = every interface): reachable from elsewhere
+        return False
+
+
+def check_config(cfg: ServeConfig) -> None:
+    """What `serve` refuses before it loads anything: an open host without an API key, an unknown engine.
+
+    A host beyond loopback (``--host 0.0.0.0``, a LAN address, a host name) needs an API key
+    (``--api_key`` or ``$CONCH_API_KEY``), or ``--insecure`` to serve without one on purpose
+    (then a one-line warning on stderr).
+    """
+    has_key = bool(cfg.api_key or os.environ.get("CONCH_API_KEY"))
+    if not is_loopback(cfg.host) and not has_key:
+        if not cfg.insecure:
+            raise ConchError(f"--host {cfg.host} lets other machines reach the server, so it needs an API key: "
+                             "run `export CONCH_API_KEY=<a long random string>` (or pass --api_key <key>) and send "
+                             "'Authorization: Bearer <key>', or pass --insecure to serve without one.")
+        print(f"warning: serving on {cfg.host}:{cfg.port} without an API key (--insecure): anyone who can reach "
+              "this port can use the model.", file=sys.stderr, flush=True)
+    check_engine(cfg)
+
+
 def check_engine(cfg: ServeConfig) -> None:
     """An unknown engine, or vLLM where it is not installed, stops here in one sentence."""
     if cfg.engine not in ("builtin", "vllm"):
@@ -211,10 +243,10 @@ def serve(cfg: ServeConfig) -> None:
     """Load the model and serve until interrupted (Ctrl-C, SIGTERM)."""
     import uvicorn
 
+    check_config(cfg)
     if not (Path(cfg.model).is_dir() or cfg.model in ("auto", "demo") or cfg.model.count("/") == 1):
         raise ConchError(f"model {cfg.model} does not exist; merge first (python -m conch merge) or pass "
                          "--model demo / a base model with --adapter.")
-    check_engine(cfg)
     knowledge = open_knowledge(cfg)  # a missing or empty folder stops here, in one sentence
     print(f"serving {cfg.model}" + (f" + {cfg.adapter}" if cfg.adapter else "") +
           f" as '{cfg.served_model_name}' on http://{cfg.host}:{cfg.port} (docs: /docs, chat page: /)"
