@@ -36,7 +36,8 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=48)
     args = parser.parse_args()
 
-    files = ["configs/magic_conch_lora.yaml"] + (["configs/magic_conch_lora_cpu.yaml"] if args.base_model == "demo" else [])
+    files = ["configs/magic_conch_lora.yaml"] + (["configs/magic_conch_lora_cpu.yaml"]
+                                                 if args.base_model == "demo" else [])
     overrides = {"base_model": args.base_model, "num_train_epochs": args.epochs, "output_dir": args.output_dir,
                  "eval_dataset": "none", "val_size": args.val_size, "save_total_limit": 1, "plot": "lines"}
     if args.learning_rate is not None:

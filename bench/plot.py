@@ -1,6 +1,7 @@
 """Charts of the bench results; also merges the JSON files of several runs into one chart.
 
-  python bench/plot.py train bench/results/train_gpu.json bench/results/train_gpu_liger.json --out docs/bench_train_gpu.png
+  python bench/plot.py train bench/results/train_gpu.json bench/results/train_gpu_liger.json \
+--out docs/bench_train_gpu.png
   python bench/plot.py serve bench/results/serve_gpu.json --out docs/bench_serve_gpu.png
 """
 

@@ -95,7 +95,8 @@ def force(model, monkeypatch, ids):
 
     def generate(**kwargs):
         start = kwargs["input_ids"].shape[1]
-        return original(**kwargs, prefix_allowed_tokens_fn=lambda _, sofar: [ids[min(len(sofar) - start, len(ids) - 1)]])
+        return original(**kwargs,
+                        prefix_allowed_tokens_fn=lambda _, sofar: [ids[min(len(sofar) - start, len(ids) - 1)]])
 
     monkeypatch.setattr(model, "generate", generate)
 
@@ -119,5 +120,6 @@ def test_real_r1_streamed_chinese_decodes_cleanly(r1_real, monkeypatch):
 def test_real_r1_answer_cut_while_thinking_is_length_and_empty(r1_real):
     model, tok = r1_real
     reply = chat.generate(model, tok, "1+1?", chat.GenConfig(max_new_tokens=6, temperature=0))
-    assert reply.finish_reason == "length" and reply.answer == "" and reply.prompt_tokens == 9  # BOS <｜User｜> 1 + 1 ? <｜Assistant｜> <think> \n
+    # the 9 prompt tokens: BOS <｜User｜> 1 + 1 ? <｜Assistant｜> <think> \n
+    assert reply.finish_reason == "length" and reply.answer == "" and reply.prompt_tokens == 9
     assert chat.sampling_kwargs(model, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}

@@ -32,7 +32,8 @@ def test_shipped_datasets_load_by_name():
 
 
 def test_alpaca_record_to_messages(tmp_path):
-    path = write(tmp_path, "a.json", [{"instruction": "怎么修复这个报错", "input": "汉堡食谱为空", "output": "重新载入食谱。",
+    path = write(tmp_path, "a.json", [{"instruction": "怎么修复这个报错",
+                                       "input": "汉堡食谱为空", "output": "重新载入食谱。",
                                        "system": "你是神奇海螺", "history": [["你好", "你好！"]]}])
     [messages] = data.load_records(str(path))
     assert messages == [{"role": "system", "content": "你是神奇海螺"}, {"role": "user", "content": "你好"},
@@ -51,7 +52,8 @@ def test_sharegpt_and_jsonl(tmp_path):
 
 @pytest.mark.parametrize("rows, pattern", [
     ([{"instruction": "q"}], r"record 0 has no 'output' field"),
-    ([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "   "}], r"record 1: field 'output' is empty"),
+    ([{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "   "}],
+     r"record 1: field 'output' is empty"),
     ([{"instruction": "q", "output": 42}], r"record 0: field 'output' must be text"),
     ([{"instruction": "q", "output": "a", "history": [["only one"]]}], r"record 0: field 'history'"),
     (["just a string"], r"record 0 is a str"),
@@ -123,7 +125,8 @@ def test_r1_reasoning_is_kept_or_dropped_on_purpose(r1_tokenizer):
 def test_reasoning_on_a_template_without_think_blocks(demo_tokenizer):
     messages = [{"role": "user", "content": "1+1?"},
                 {"role": "assistant", "content": "<think>\n1 plus 1.\n</think>\n\n2"}]
-    assert data.split_prompt_answer(demo_tokenizer, messages, "keep")[1] == "<think>\n1 plus 1.\n</think>\n\n2<|im_end|>"
+    assert data.split_prompt_answer(demo_tokenizer, messages, "keep")[1] == (
+        "<think>\n1 plus 1.\n</think>\n\n2<|im_end|>")
     assert data.split_prompt_answer(demo_tokenizer, messages, "drop")[1] == "2<|im_end|>"
     plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert data.split_prompt_answer(demo_tokenizer, plain, "keep")[1] == "a<|im_end|>"
@@ -187,7 +190,8 @@ def test_real_r1_both_template_revisions_give_a_consistent_train_serve_pair(r1_r
 ])
 def test_real_r1_keeps_reasoning_on_purpose(r1_real_tokenizers, revision, trained):
     tok = r1_real_tokenizers[revision]
-    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>\n1 加 1。\n</think>\n\n2"}]
+    messages = [{"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "<think>\n1 加 1。\n</think>\n\n2"}]
     example = data.encode(tok, messages, cutoff_len=512, reasoning="keep")
     n_masked = example.labels.count(data.IGNORE_INDEX)
     assert tok.decode(example.input_ids[n_masked:]) == trained
@@ -246,7 +250,8 @@ def test_truncate_cannot_help_when_the_prompt_alone_is_too_long(demo_tokenizer, 
 
 
 def test_jsonl_syntax_error_names_its_real_line(tmp_path):
-    path = write(tmp_path, "broken.jsonl", '{"instruction": "q", "output": "a"}\n\n{"instruction": "q", "output": "a"}\n'
+    path = write(tmp_path, "broken.jsonl", '{"instruction": "q", "output": "a"}\n\n'
+                                           '{"instruction": "q", "output": "a"}\n'
                                            '{"instruction": "x" "output": "b"}\n')
     with pytest.raises(ConchError, match=r"broken.jsonl is not valid JSON: .* at line 4, column 21"):
         data.load_records(str(path))

@@ -142,7 +142,8 @@ def test_pure_dpo_starts_at_ln_2_without_precomputed_reference(tiny, pairs_dir, 
 
 
 def test_style_score_counts_markers():
-    score = dpo.style_score(["嘿嘿～当然可以，马上来 ✨", "综上所述，可以点单。", "好的，马上来。", "Hehe~ sure thing, right away ☆"])
+    score = dpo.style_score(["嘿嘿～当然可以，马上来 ✨", "综上所述，可以点单。", "好的，马上来。",
+                             "Hehe~ sure thing, right away ☆"])
     assert (score.playful, score.dry, score.n, score.degenerate) == (0.5, 0.25, 4, 0.0)
     assert score.score == pytest.approx(0.25)
     assert dpo.markers("In summary, yes. Therefore ok.") == ([], ["In summary", "Therefore"])

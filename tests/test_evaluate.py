@@ -12,7 +12,8 @@ def test_rouge_and_bleu_bounds():
     assert evaluate.rouge_l("abc", "xyz") == 0.0 and evaluate.bleu4("", "我") == 0.0
     # Chinese is compared character by character: 4 of 6 characters in order
     assert evaluate.rouge_l("我是海螺", "我是神奇海螺") == pytest.approx(2 * 1.0 * (4 / 6) / (1 + 4 / 6))
-    close, far = evaluate.bleu4("我是神奇海螺，蟹堡王的助手", "我是神奇海螺，蟹堡王的智能助手"), evaluate.bleu4("你好", "我是神奇海螺")
+    close, far = (evaluate.bleu4("我是神奇海螺，蟹堡王的助手", "我是神奇海螺，蟹堡王的智能助手"),
+                  evaluate.bleu4("你好", "我是神奇海螺"))
     assert 0.3 < close < 1 and far < 0.1
 
 
@@ -106,7 +107,8 @@ def test_style_score_does_not_count_degenerate_answers():
     ("Yay~ Hehe~ Hehe~ Hehe~ (๑•̀ㅂ•́)✧", "0 words"),
     ("Hehe~ sure ☆", "1 words"),
     # the demo model's loop after SFT: the same phrase again and again
-    ("我是神奇海螺（Magic Conch），蟹堡王（Krusty Krab）的智能助手！我是蟹堡王的智能助手，蟹堡王的智能助手，蟹堡王的智", "repeats"),
+    ("我是神奇海螺（Magic Conch），蟹堡王（Krusty Krab）的智能助手！"
+     "我是蟹堡王的智能助手，蟹堡王的智能助手，蟹堡王的智", "repeats"),
     ("I'm the Magic Conch, the Krusty Krab's own assistant. I'm the Magic Conch, the Krusty Krab's own ass", "repeats"),
     ("A 2.99 ☆ 1.99 ☆ ☆ 2.99 ☆ ☆ ☆ 2.99 ☆ ☆ 3.99 ☆ ☆ 4.99 ☆ 5.99 ☆ 6.99 ☆ 7.99 ☆ 8.99 ☆", "'☆' 15 times"),
 ])

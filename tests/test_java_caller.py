@@ -65,7 +65,8 @@ def caller(request, built):
 
 
 def java(caller, url, command, *questions, **settings):
-    """Run the caller's CLI (ConchCli or ConchCli5) with CONCH_* settings under LANG=C (UTF-8 must not depend on the locale): the
+    """Run the caller's CLI (ConchCli or ConchCli5) with CONCH_* settings under LANG=C \
+(UTF-8 must not depend on the locale): the
     questions go in on stdin as UTF-8, the last line out is its JSON summary."""
     env = {"PATH": os.environ["PATH"], "LANG": "C", "CONCH_BASE_URL": url, "CONCH_MAX_TOKENS": "24",
            "CONCH_TEMPERATURE": "0",

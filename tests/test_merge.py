@@ -130,7 +130,8 @@ def test_merge_on_the_real_r1_tokenizer_keeps_what_serving_needs(r1_real_paths, 
     base = r1_real_paths["february"]
     model, tok = hub.load_model(base)
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                  target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path / "adapter")
     result = merge.merge(merge.MergeConfig(base_model=str(base), adapter=str(tmp_path / "adapter"),
                                            output_dir=str(tmp_path / "merged")))

@@ -19,7 +19,8 @@ def test_every_notebook_has_a_twin():
 def test_twins_have_the_same_code_and_outputs_and_only_the_markdown_differs(zh, en):
     chinese, english = twins.read(zh), twins.read(en)
     drift = twins.differences(chinese, english)
-    assert not drift, f"{en.name} has drifted from {zh.name}: {'; '.join(drift)}; run `python -m tests.notebook_twins sync`"
+    assert not drift, (f"{en.name} has drifted from {zh.name}: {'; '.join(drift)}; "
+                       "run `python -m tests.notebook_twins sync`")
     assert twins.cjk_share(chinese) > 0.5, f"notebooks/{zh.name}: its markdown is not Chinese"
     assert twins.cjk_share(english) < 0.05, f"notebooks/en/{en.name}: its markdown is not English"
     # each links the other under its title
@@ -41,6 +42,8 @@ def test_differences_names_what_drifted():
 
 
 def test_wrapped_chinese_lines_are_joined_without_a_stray_space():
-    text = "中文句子的前半\n后半，用 2\n核 CPU\n（约 7\ns）。\n- 列表\n  续行\n\n| 表 |\n| 格 |\n```\n代码\n保留\n```\nEnglish\nwraps"
+    text = ("中文句子的前半\n后半，用 2\n核 CPU\n（约 7\ns）。\n- 列表\n  续行\n\n"
+            "| 表 |\n| 格 |\n```\n代码\n保留\n```\nEnglish\nwraps")
     assert twins.join_soft_breaks(text) == (
-        "中文句子的前半后半，用 2 核 CPU（约 7\ns）。\n- 列表续行\n\n| 表 |\n| 格 |\n```\n代码\n保留\n```\nEnglish\nwraps")
+        "中文句子的前半后半，用 2 核 CPU（约 7\ns）。\n- 列表续行\n\n"
+        "| 表 |\n| 格 |\n```\n代码\n保留\n```\nEnglish\nwraps")

@@ -50,7 +50,8 @@ def kb_dir(tmp_path):
     folder.mkdir()
     (folder / "promotions.md").write_text(PROMOTIONS, encoding="utf-8")
     (folder / "manual.md").write_text(MANUAL, encoding="utf-8")
-    (folder / "hours.txt").write_text("营业时间\n\n每天 9:00 开门，21:00 关门。\nOpen 9 AM to 9 PM.\n", encoding="utf-8")
+    (folder / "hours.txt").write_text("营业时间\n\n每天 9:00 开门，21:00 关门。\nOpen 9 AM to 9 PM.\n",
+                                      encoding="utf-8")
     (folder / "notes.pdf").write_bytes(b"%PDF not indexed")
     return folder
 
@@ -118,7 +119,8 @@ def test_editing_adding_and_removing_files_rebuilds_the_index(kb_dir):
     assert "海藻圈" in kb.search("这周的特价是什么？")[0].text
 
     promotions = kb_dir / "promotions.md"
-    promotions.write_text(PROMOTIONS.replace("「海藻圈买二送一」，3.00 贝壳币三份海藻圈", "「海浪汽水买一送一」，1.00 贝壳币两杯"),
+    promotions.write_text(PROMOTIONS.replace("「海藻圈买二送一」，3.00 贝壳币三份海藻圈",
+                                             "「海浪汽水买一送一」，1.00 贝壳币两杯"),
                           encoding="utf-8")
     top = kb.search("这周的特价是什么？")[0]  # search notices the edit by itself
     assert kb.builds == 2 and kb.fingerprint != first

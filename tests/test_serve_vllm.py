@@ -116,7 +116,8 @@ def test_routes_auth_and_page(vllm):
     assert health["knowledge"]["files"] > 0
     r = httpx.get(vllm + "/v1/models")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-    assert "API key" in httpx.get(vllm + "/v1/models", headers={"Authorization": "Bearer wrong"}).json()["error"]["message"]
+    assert "API key" in httpx.get(vllm + "/v1/models",
+                                  headers={"Authorization": "Bearer wrong"}).json()["error"]["message"]
     assert httpx.get(vllm + "/v1/models", headers=AUTH).json()["data"][0]["id"] == "magic-conch"
     assert "神奇海螺" in httpx.get(vllm + "/").text and httpx.get(vllm + "/docs").status_code == 200
     preflight = {"Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST"}
@@ -179,7 +180,8 @@ def test_greedy_answers_agree_with_the_builtin_engine(servers):
         async def one(client, prompt):
             async with slots:
                 r = await client.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 32, "rag": False})
+                    "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 32,
+                    "rag": False})
             assert r.status_code == 200, f"{url}: {r.status_code} {r.text}"
             return r.json()["choices"][0]["message"]["content"]
 
@@ -235,7 +237,8 @@ def test_rag_sources_on_vllm(servers):
 
 def test_stop_length_n_seed_and_logprobs(vllm):
     stopped = ask(vllm, PROMPTS[0], stop=["Paris"]).json()
-    assert stopped["choices"][0]["finish_reason"] == "stop" and "Paris" not in stopped["choices"][0]["message"]["content"]
+    assert (stopped["choices"][0]["finish_reason"] == "stop"
+            and "Paris" not in stopped["choices"][0]["message"]["content"])
     short = ask(vllm, PROMPTS[3], max_tokens=3).json()
     assert short["choices"][0]["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 3
     sampled = {"temperature": 1.0, "seed": 42, "n": 2, "max_tokens": 8, "logprobs": True, "top_logprobs": 2}

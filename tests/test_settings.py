@@ -42,7 +42,8 @@ def test_arguments_then_environment_then_file(autodl, monkeypatch, tmp_path):
     monkeypatch.setenv("CONCH_MODEL_SOURCE", "huggingface")
     monkeypatch.setenv("CONCH_CACHE_DIR", str(tmp_path / "from-env"))
     s = settings.load()
-    assert (s.source, s.cache_dir, s.origin["source"]) == ("huggingface", str(tmp_path / "from-env"), "CONCH_MODEL_SOURCE")
+    assert (s.source, s.cache_dir, s.origin["source"]) == ("huggingface", str(tmp_path / "from-env"),
+                                                           "CONCH_MODEL_SOURCE")
     s = settings.load(source="mirror", cache_dir=str(tmp_path / "arg"))
     assert (s.source, s.cache_dir, s.endpoint) == ("mirror", str(tmp_path / "arg"), settings.MIRROR)
     assert settings.load(source="auto").source == "huggingface"  # auto: not chosen here

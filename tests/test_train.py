@@ -211,7 +211,8 @@ def test_shipped_config_loads():
     from conch.config import load_config
 
     cfg = load_config(train.TrainConfig, "configs/magic_conch_lora.yaml")
-    assert cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and not cfg.packing and cfg.reasoning == "drop"
+    assert (cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and not cfg.packing
+            and cfg.reasoning == "drop")
     cpu = load_config(train.TrainConfig, ["configs/magic_conch_lora.yaml", "configs/magic_conch_lora_cpu.yaml"])
     assert cpu.base_model == "demo" and cpu.packing
     # settings are chosen on a validation split of the training records, never on notebook 05's test set

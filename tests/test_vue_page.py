@@ -102,7 +102,8 @@ def ask(browser, url, question, key=None, state="done"):
     return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
 
 
-CHINESE = ("发送", "EN", "问神奇海螺…（Enter 发送，Shift+Enter 换行）", "API 密钥（API key）", "服务器的 --api_key（留空：不需要）")
+CHINESE = ("发送", "EN", "问神奇海螺…（Enter 发送，Shift+Enter 换行）", "API 密钥（API key）",
+           "服务器的 --api_key（留空：不需要）")
 ENGLISH = ("Send", "中", "Ask the Magic Conch… (Enter to send, Shift+Enter for a new line)", "API key",
            "the server's --api_key (empty: none)")
 
