@@ -93,7 +93,8 @@ SLOW = (
     "tests/test_export.py::test_a_wrong_stop_token", "tests/test_export.py::test_k_quants",
     "tests/test_export.py::test_converter_is_the_pinned_one",
     "tests/test_train.py::test_resume_after_a_hard_kill", "tests/test_train.py::test_two_processes_with_accelerate",
-    "tests/test_rag.py::test_served_", "tests/test_rag.py::test_a_streamed_answer", "tests/test_rag.py::test_the_server_",
+    "tests/test_rag.py::test_served_", "tests/test_rag.py::test_a_streamed_answer",
+    "tests/test_rag.py::test_the_server_",
     "tests/test_rag.py::test_rag_on_a_server", "tests/test_rag.py::test_serving_a_bad_knowledge_folder",
     "tests/test_cli.py", "tests/test_dpo.py::test_cli_says_what_is_missing",
 )
