@@ -100,6 +100,9 @@ SLOW = (
 )
 
 
+NOTEBOOK_CELL_TIMEOUT = 3600  # seconds; a test's own limit is pyproject.toml's (pytest-timeout)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items):
     for item in items:
@@ -107,6 +110,8 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(group))
         if item.nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
+        if item.nodeid.startswith("notebooks/"):  # one cell trains or tunes for up to half an hour on one CPU thread
+            item.add_marker(pytest.mark.timeout(NOTEBOOK_CELL_TIMEOUT))
 
 
 @pytest.fixture(autouse=True)
