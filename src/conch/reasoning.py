@@ -34,7 +34,7 @@ def is_reasoning_model(tokenizer) -> bool:
     try:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False,
                                                add_generation_prompt=True)
-    except Exception:  # a template that cannot render a plain question is no reasoning template we know
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain question is no reasoning one we know
         return False
     return prompt_opens_think(prompt)
 
