@@ -148,7 +148,7 @@ def test_sampling_of_a_chat_model_follows_its_generation_config(demo_path, tmp_p
         {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "eos_token_id": 2}))
     params = export.sampling_parameters(folder, tok)
     assert params | {"why": ""} == {"why": "", "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repeat_penalty": 1.1}
-    comment, lines, parsed = _sampling_lines(tmp_path, params)
+    comment, _, parsed = _sampling_lines(tmp_path, params)
     assert comment == "# sampling: the model's own, from its generation_config.json"
     assert parsed == {"temperature": "0.2", "top_p": "0.9", "top_k": "50", "repeat_penalty": "1.1"}
 

@@ -17,11 +17,10 @@ import dataclasses
 import importlib
 import re
 import sys
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .errors import ConchError
-
 
 # ---------------------------------------------------------------------------------------------
 # the handlers: each gets the parsed options (a Namespace) and the config, when the stage has one
@@ -167,7 +166,8 @@ STAGES = (
                    Option("temperature", "0 = greedy; default: the model's", type=float))),
     Stage("train", "LoRA fine-tuning; any TrainConfig field as --key value", _cmd_train, config="train:TrainConfig",
           default_configs=("configs/magic_conch_lora.yaml",), multiple_configs=True),
-    Stage("dpo", "preference tuning (DPO) on the merged SFT model; any DpoConfig field as --key value", _cmd_dpo,
+    Stage("dpo", "preference tuning (DPO) on the merged SFT model; any DpoConfig field as --key value (on CPU: "
+                 "--config configs/magic_conch_dpo.yaml --config configs/magic_conch_dpo_cpu.yaml)", _cmd_dpo,
           config="dpo:DpoConfig", default_configs=("configs/magic_conch_dpo.yaml",), multiple_configs=True),
     Stage("eval", "base vs fine-tuned on the held-out set; any EvalConfig field as --key value", _cmd_eval,
           config="evaluate:EvalConfig"),
@@ -215,12 +215,13 @@ def build_parser(list_fields: bool = False) -> argparse.ArgumentParser:
             p.add_argument(f"--{o.name}", type=o.type, default=o.default, help=o.help,
                            action="append" if o.append else "store")
         if stage.config:
-            default = f" (default: {', '.join(stage.default_configs)})" if stage.default_configs else ""
+            kind = stage.config.partition(":")[2]
+            notes = (["may be given again: later files override earlier ones"] if stage.multiple_configs else []) + \
+                ([f"default: {', '.join(stage.default_configs)}"] if stage.default_configs else [])
             p.add_argument("--config", action="append" if stage.multiple_configs else "store", default=None,
-                           help=f"YAML file{'(s); later ones override earlier ones' if stage.multiple_configs else ''} "
-                                f"with {stage.config.partition(':')[2]} fields{default}")
-            p.epilog = f"Any {stage.config.partition(':')[2]} field is an option: --field value (--flag alone means true)" + \
-                (f": {', '.join('--' + n for n in stage.config_fields())}." if list_fields else ".")
+                           help=f"a YAML file with {kind} fields" + (f" ({'; '.join(notes)})" if notes else ""))
+            fields = f": {', '.join('--' + n for n in stage.config_fields())}." if list_fields else "."
+            p.epilog = f"Any {kind} field is an option: --field value (--flag alone means true){fields}"
         p.set_defaults(stage_entry=stage)
     return parser
 
