@@ -65,7 +65,8 @@ def test_r1_template_translates_and_renders_like_the_tokenizer(tiny_r1, tmp_path
     tr = export.translate_template(tok)
     assert tr.family == "deepseek-r1" and tr.bos == tok.bos_token and tr.stop == [tok.eos_token]
     assert tr.template.endswith("<｜Assistant｜><think>\n")  # the February 2025 generation prompt
-    cases = export.template_cases(["你是谁？", "Who are you?", "美味蟹堡怎么做？"], ["我是神奇海螺。", "I am the Magic Conch."])
+    cases = export.template_cases(["你是谁？", "Who are you?", "美味蟹堡怎么做？"],
+                                  ["我是神奇海螺。", "I am the Magic Conch."])
     path = _modelfile(tmp_path, tr)
     assert export.check_template(tok, path, cases, add_bos=True, bos_text=tok.bos_token) == len(cases)
     parsed = export.parse_modelfile(path)
@@ -145,7 +146,8 @@ def test_sampling_of_a_chat_model_follows_its_generation_config(demo_path, tmp_p
     folder = tmp_path / "merged"
     folder.mkdir()
     (folder / "generation_config.json").write_text(json.dumps(
-        {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "eos_token_id": 2}))
+        {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1,
+         "eos_token_id": 2}))
     params = export.sampling_parameters(folder, tok)
     assert params | {"why": ""} == {"why": "", "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repeat_penalty": 1.1}
     comment, _, parsed = _sampling_lines(tmp_path, params)

@@ -242,7 +242,8 @@ def test_client_retries_a_busy_server(r1_server):
 
 
 def test_cors_allows_only_the_configured_origins(demo_server):
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
     ok = httpx.options(demo_server + "/v1/chat/completions", headers={"Origin": "http://localhost:5173", **preflight})
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
     other = httpx.options(demo_server + "/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})

@@ -101,7 +101,8 @@ class ExportResult:
     seconds: float
 
     def table(self) -> str:
-        rows = ["| GGUF | size | converted in | top token as merged | whole answers identical | worst logit drift (relative) |",
+        rows = ["| GGUF | size | converted in | top token as merged | whole answers identical "
+                "| worst logit drift (relative) |",
                 "|---|---:|---:|---:|---:|---:|"]
         for c in self.checks:
             rows.append(f"| {c.file} | {c.size_bytes / 2**20:,.0f} MiB | {c.convert_seconds:.0f} s | {c.top1:.1%} | "
@@ -395,9 +396,9 @@ def check_gguf_tokenizer(meta: dict, tokenizer, translation: Translation, name: 
                          f"{vocab[bad]!r} in the tokenizer; nothing was exported.")
     stop_ids = [tokenizer.convert_tokens_to_ids(s) for s in translation.stop]
     if meta["eos"] not in stop_ids:
-        raise ConchError(f"{name}: llama.cpp would stop at token {meta['eos']} ({tokens[meta['eos']]!r}) but answers end "
-                         f"with {translation.stop}; the model would not stop. Fix eos_token in the merged "
-                         "tokenizer_config.json and export again.")
+        raise ConchError(f"{name}: llama.cpp would stop at token {meta['eos']} ({tokens[meta['eos']]!r}) "
+                         f"but answers end with {translation.stop}; the model would not stop. Fix eos_token in the "
+                         "merged tokenizer_config.json and export again.")
     if translation.bos and (not meta["add_bos"] or tokens[meta["bos"]] != translation.bos):
         raise ConchError(f"{name}: the chat template starts with {translation.bos!r} but the GGUF does not add it "
                          "as BOS; nothing was exported.")
@@ -530,8 +531,9 @@ def export(cfg: ExportConfig) -> ExportResult:
                                  f"(at least {MIN_TOP1[c.outtype]:.0%} expected) with a relative logit drift of "
                                  f"{c.max_drift:.2g} (at most {MAX_DRIFT[c.outtype]:g}); nothing was written to {out}. "
                                  "Export f16 to see whether quantization is the cause.")
-        report = {"merged_dir": str(merged), "llama_cpp_python": LLAMA_CPP_PYTHON, "template_family": translation.family,
-                  "template_cases": n_cases, "stop": translation.stop, "parameters": parameters,
+        report = {"merged_dir": str(merged), "llama_cpp_python": LLAMA_CPP_PYTHON,
+                  "template_family": translation.family, "template_cases": n_cases, "stop": translation.stop,
+                  "parameters": parameters,
                   "checks": [asdict(c) for c in checks], "questions": len(prompts)}
         (tmp / "export.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     except BaseException:
