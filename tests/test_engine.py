@@ -214,3 +214,219 @@ def test_prepare_runs_blocking_work_off_the_event_loop(tiny):
     ticks, prepared = asyncio.run(main())
     assert ticks >= 5, ticks  # blocked, the ticker would not have run at all
     assert prepared.prompt_ids and prepared.sources == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity (issue 26): greedy, the hand-written engine must give what transformers gives. The
+# prompts differ in length on purpose: left padding, joining caches and dropping rows are where
+# a continuous-batching engine goes wrong. `start=False` engines are driven step by step, so the
+# moment a request joins or leaves is exact, not a race with the worker thread.
+
+QUESTIONS = {  # prompt lengths on the tiny tokenizer: 7, 12, 15 and 37 tokens
+    "short": "hi",
+    "medium": "What is the capital of France?",
+    "zh": "你是谁？",
+    "long": "美味蟹堡的做法是什么？请详细说明，谢谢！",
+}
+
+
+def solo(tiny, prompt_ids, max_new_tokens):
+    """transformers' own greedy `model.generate`, one prompt, no padding: the new tokens up to an end token."""
+    from conch import chat
+
+    model, tok = tiny
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids], device=model.device),
+                             attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long, device=model.device),
+                             do_sample=False, temperature=None, top_p=None, top_k=None,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    row = out[0, len(prompt_ids):].tolist()
+    eos = set(chat.eos_ids(model, tok))
+    return row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
+
+
+def greedy(max_tokens):
+    return SamplingParams(max_tokens=max_tokens, temperature=0)
+
+
+def drive(engine, requests=(), steps=None):
+    """Admit `requests` (one prefill) into the running batch, then decode `steps` steps (None: until empty)."""
+    if requests:
+        engine.admit(list(requests))
+    n = 0
+    while engine.running and (steps is None or n < steps):
+        engine.step()
+        n += 1
+    return n
+
+
+@pytest.fixture
+def driven(tiny):
+    """An engine without its worker thread: the test calls `admit` and `step`."""
+    engine = Engine(*tiny, max_batch_size=8, max_queue=16, start=False)
+    yield engine
+    engine.shutdown()
+
+
+def test_prompts_have_different_lengths(tiny):
+    """The parity tests below rely on prompts of different lengths (else nothing is padded)."""
+    lengths = {name: len(prompt(tiny, q)) for name, q in QUESTIONS.items()}
+    assert len(set(lengths.values())) == len(lengths), lengths
+
+
+HELD_BACK_TAIL = (
+    "engine.py bug: text the Detokenizer holds back is lost when a request ends. Detokenizer.add returns "
+    "nothing while its window decodes to something ending in a partial UTF-8 character; Engine._end "
+    "(length/stop) only flushes r.text, never the detokenizer's pending window, so complete characters "
+    "decoded in that window are dropped too (a token '食' + first byte of '谱' as the last token gives '' "
+    "instead of '食'). chat.generate and model.generate keep them: decode(tokens).rstrip('\\ufffd').")
+
+
+@pytest.mark.parametrize("name", list(QUESTIONS))
+def test_one_request_equals_model_generate(tiny, engine, name):
+    """A single request through the engine (worker thread, batch of one) gives, token for token,
+    transformers' greedy `model.generate` on the same prompt ids, and ends for the same reason."""
+    ids, n = prompt(tiny, QUESTIONS[name]), 40
+    request, events = run(engine, ids, greedy(n))
+    text, outcome = finish(request, events)
+    expected = solo(tiny, ids, n)
+    assert request.tokens == expected
+    assert outcome.ok and outcome.completion_tokens == len(expected)
+    assert outcome.finish_reason == ("length" if len(expected) == n else "stop")
+    assert text == request.text  # the events carry the whole text
+
+
+@pytest.mark.parametrize("name", [
+    "short", pytest.param("medium", marks=pytest.mark.xfail(strict=True, reason=HELD_BACK_TAIL)), "zh", "long"])
+def test_one_request_text_equals_chat_generate(tiny, engine, name):
+    """The engine's text (what the events carry) equals `chat.generate`'s, and so do the reasoning
+    and the answer split from it: the server and the notebooks show the same answer. ("medium"'s
+    40 tokens end with '海' + half a character: it shows the bug in HELD_BACK_TAIL.)"""
+    from conch import chat
+    from conch.reasoning import prompt_opens_think
+
+    model, tok = tiny
+    ids, n = prompt(tiny, QUESTIONS[name]), 40
+    text, outcome = finish(*run(engine, ids, greedy(n)))
+    reply = chat.generate(model, tok, QUESTIONS[name], chat.GenConfig(max_new_tokens=n, temperature=0))
+    assert text == reply.text == tok.decode(solo(tiny, ids, n), skip_special_tokens=True).rstrip("\ufffd")
+    opened = prompt_opens_think(chat.render_prompt(tok, [{"role": "user", "content": QUESTIONS[name]}]))
+    assert (reply.reasoning, reply.answer) == split_reasoning(text, opened)
+
+
+@pytest.mark.xfail(strict=True, reason=HELD_BACK_TAIL)
+def test_complete_characters_before_a_cut_partial_character_are_kept(tiny, driven, monkeypatch):
+    """The minimal case of HELD_BACK_TAIL, independent of the random weights: the sampler is made to
+    pick one token that decodes to a whole character plus the first byte of the next, and
+    max_tokens=1 cuts there. The whole character must reach the text; only the half one is dropped."""
+    _, tok = tiny
+    token = next(i for i in range(len(tok)) if (s := tok.decode([i])).endswith("\ufffd") and s.rstrip("\ufffd"))
+    monkeypatch.setattr("conch.engine.sample", lambda logits, params, generators: torch.tensor([token]))
+    request = Request(prompt(tiny), greedy(1))
+    drive(driven, [request])
+    assert request.tokens == [token] and request.outcome.finish_reason == "length"
+    assert request.text == tok.decode([token]).rstrip("\ufffd") != ""
+
+
+def test_a_batch_started_together_equals_solo_runs(tiny, driven):
+    """Four prompts of four lengths prefilled together (left-padded) each give their solo output."""
+    requests = [Request(prompt(tiny, q), greedy(30)) for q in QUESTIONS.values()]
+    drive(driven, requests)
+    for r in requests:
+        assert r.outcome.ok and r.tokens == solo(tiny, r.prompt_ids, 30), r.prompt_ids
+
+
+@pytest.mark.parametrize("newcomer", ["long", "zh"])
+def test_a_request_admitted_into_a_running_batch_equals_its_solo_run(tiny, driven, newcomer):
+    """A request joining a batch that is already decoding (its cache joined to theirs, padded on
+    whichever side is shorter: "long" is wider than the running cache, "zh" narrower) gives its
+    solo output, and the running requests' outputs are not changed by it."""
+    running = [Request(prompt(tiny, QUESTIONS[q]), greedy(40)) for q in ("short", "medium")]
+    drive(driven, running, steps=6)
+    assert [len(r.tokens) for r in running] == [6, 6] and all(r.outcome is None for r in running)
+    width = driven._mask.shape[1]
+    late = Request(prompt(tiny, QUESTIONS[newcomer]), greedy(20))
+    assert (len(late.prompt_ids) > width) == (newcomer == "long")  # both sides of the join are covered
+    drive(driven, [late])
+    assert late.outcome.ok and late.tokens == solo(tiny, late.prompt_ids, 20)
+    for r in running:
+        assert r.outcome.ok and r.tokens == solo(tiny, r.prompt_ids, 40)
+
+
+def test_requests_admitted_at_different_steps_all_equal_their_solo_runs(tiny, driven):
+    """Three admissions at three different moments (two of them while others run) and one
+    request leaving in between: every output equals its solo output."""
+    first = Request(prompt(tiny, QUESTIONS["medium"]), greedy(40))
+    second = [Request(prompt(tiny, QUESTIONS["long"]), greedy(8)),
+              Request(prompt(tiny, QUESTIONS["short"]), greedy(40))]
+    third = Request(prompt(tiny, QUESTIONS["zh"]), greedy(25))
+    drive(driven, [first], steps=3)
+    drive(driven, second, steps=10)  # the "long" one (8 tokens) has left
+    assert second[0].outcome is not None and first.outcome is None
+    drive(driven, [third])
+    for r in [first, *second, third]:
+        assert r.outcome.ok and r.tokens == solo(tiny, r.prompt_ids, r.params.max_tokens), r.prompt_ids
+
+
+def test_requests_leaving_mid_batch_do_not_change_the_others(tiny, driven):
+    """Four requests with max_tokens 5, 12, 30, 20: the short ones leave first (their rows leave the
+    cache, and the padding columns nobody needs any more are trimmed); every output, the survivors'
+    included, equals its solo output. The longest prompt leaves first, so the trim has work to do."""
+    plan = [("long", 5), ("medium", 12), ("short", 30), ("zh", 20)]
+    requests = [Request(prompt(tiny, QUESTIONS[q]), greedy(n)) for q, n in plan]
+    driven.admit(requests)
+    width = driven._mask.shape[1]
+    drive(driven, steps=5)
+    assert [r.outcome is not None for r in requests] == [True, False, False, False]
+    assert driven._mask.shape[1] < width + 5  # the long prompt's padding columns were dropped
+    drive(driven)
+    for r, (q, n) in zip(requests, plan):
+        assert r.outcome.finish_reason == "length" and r.tokens == solo(tiny, r.prompt_ids, n), q
+
+
+def test_a_request_cancelled_mid_batch_does_not_change_the_others(tiny, driven):
+    """`Request.cancel()` while it is decoding in a batch of three: it leaves at the next step as
+    ``cancelled`` with what it had (a prefix of its solo output), and the others still equal their
+    solo outputs."""
+    requests = [Request(prompt(tiny, QUESTIONS[q]), greedy(30)) for q in ("zh", "long", "short")]
+    drive(driven, requests, steps=7)
+    requests[1].cancel()  # the middle row, with the widest prompt
+    drive(driven)
+    cancelled = requests[1]
+    assert cancelled.outcome.finish_reason == "cancelled" and len(cancelled.tokens) == 7
+    assert cancelled.tokens == solo(tiny, cancelled.prompt_ids, 30)[:7]
+    for r in (requests[0], requests[2]):
+        assert r.outcome.ok and r.tokens == solo(tiny, r.prompt_ids, 30)
+
+
+def test_worker_admits_and_cancels_while_a_batch_runs(tiny, engine):
+    """The same through the worker thread and `Generation`-style callbacks, without sleeping: the
+    first request's own event callback (run by the worker between steps) submits a newcomer and
+    cancels a neighbour, so the newcomer joins, and the neighbour leaves, a batch that is running."""
+    ids = {q: prompt(tiny, QUESTIONS[q]) for q in ("short", "medium", "long", "zh")}
+    events = {q: queue.Queue() for q in ids}
+    seen = {}
+
+    def on_first(event):
+        events["medium"].put(event)
+        if "admitted" not in seen and len(first.tokens) >= 4:
+            seen["admitted"] = [len(r.tokens) for r in (first, neighbour)]
+            seen["late"] = engine.add(Request(ids["long"], greedy(20), on_event=events["long"].put))
+            neighbour.cancel()
+
+    first = Request(ids["medium"], greedy(40), on_event=on_first)
+    neighbour = Request(ids["zh"], greedy(40), on_event=events["zh"].put)
+    third = Request(ids["short"], greedy(40), on_event=events["short"].put)
+    for r in (first, neighbour, third):
+        engine.add(r)
+    results = {q: finish(None, events[q]) for q in ("medium", "zh", "short")}
+    assert seen["admitted"][0] < 40 and seen["admitted"][1] < 40  # both were still running
+    results["long"] = finish(None, events["long"])
+    assert results["zh"][1].finish_reason == "cancelled"
+    assert neighbour.tokens == solo(tiny, ids["zh"], 40)[:len(neighbour.tokens)]
+    assert results["zh"][0] == neighbour.text
+    late = seen["late"]
+    for q, n, r in (("medium", 40, first), ("short", 40, third), ("long", 20, late)):
+        text, outcome = results[q]
+        assert outcome.ok and r.tokens == solo(tiny, ids[q], n), q
+        assert outcome.completion_tokens == len(r.tokens) and text == r.text, q  # the events carry it all
