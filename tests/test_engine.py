@@ -274,12 +274,6 @@ def test_prompts_have_different_lengths(tiny):
     assert len(set(lengths.values())) == len(lengths), lengths
 
 
-HELD_BACK_TAIL = (
-    "engine.py bug: text the Detokenizer holds back is lost when a request ends. Detokenizer.add returns "
-    "nothing while its window decodes to something ending in a partial UTF-8 character; Engine._end "
-    "(length/stop) only flushes r.text, never the detokenizer's pending window, so complete characters "
-    "decoded in that window are dropped too (a token '食' + first byte of '谱' as the last token gives '' "
-    "instead of '食'). chat.generate and model.generate keep them: decode(tokens).rstrip('\\ufffd').")
 
 
 @pytest.mark.parametrize("name", list(QUESTIONS))
@@ -297,11 +291,11 @@ def test_one_request_equals_model_generate(tiny, engine, name):
 
 
 @pytest.mark.parametrize("name", [
-    "short", pytest.param("medium", marks=pytest.mark.xfail(strict=True, reason=HELD_BACK_TAIL)), "zh", "long"])
+    "short", "medium", "zh", "long"])
 def test_one_request_text_equals_chat_generate(tiny, engine, name):
     """The engine's text (what the events carry) equals `chat.generate`'s, and so do the reasoning
     and the answer split from it: the server and the notebooks show the same answer. ("medium"'s
-    40 tokens end with '海' + half a character: it shows the bug in HELD_BACK_TAIL.)"""
+    40 tokens end with '海' + half a character, on the tiny model in float32: the '海' must not be lost.)"""
     from conch import chat
     from conch.reasoning import prompt_opens_think
 
@@ -314,9 +308,9 @@ def test_one_request_text_equals_chat_generate(tiny, engine, name):
     assert (reply.reasoning, reply.answer) == split_reasoning(text, opened)
 
 
-@pytest.mark.xfail(strict=True, reason=HELD_BACK_TAIL)
 def test_complete_characters_before_a_cut_partial_character_are_kept(tiny, driven, monkeypatch):
-    """The minimal case of HELD_BACK_TAIL, independent of the random weights: the sampler is made to
+    """Text the detokenizer holds back (a partial character) is flushed when the request ends, minus
+    the partial character itself; independent of the random weights: the sampler is made to
     pick one token that decodes to a whole character plus the first byte of the next, and
     max_tokens=1 cuts there. The whole character must reach the text; only the half one is dropped."""
     _, tok = tiny

@@ -277,7 +277,8 @@ class Engine:
             if r.first_token_at is None:
                 r.first_token_at = time.monotonic()
             if token in self.eos:
-                self._end(r, "stop")
+                if not self._emit(r, r.detokenizer.flush()):  # the held-back characters, then the end
+                    self._end(r, "stop")
                 continue
             r.tokens.append(token)
             if r.params.logprobs:
@@ -285,7 +286,8 @@ class Engine:
             if self._emit(r, r.detokenizer.add(token)):  # a stop string ended it
                 continue
             if len(r.tokens) >= r.params.max_tokens:
-                self._end(r, "length")
+                if not self._emit(r, r.detokenizer.flush()):
+                    self._end(r, "length")
                 continue
             keep.append(i)
         if len(keep) < len(self.running):

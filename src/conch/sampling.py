@@ -98,3 +98,12 @@ class Detokenizer:
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before):]
         return ""
+
+    def flush(self) -> str:
+        """The text still held back when the answer ends: the complete characters decoded so far (a partial
+        character at the very end is dropped, as ``chat.generate`` drops it)."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix:], skip_special_tokens=True).rstrip("\ufffd")
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):] if len(after) > len(before) else ""
