@@ -482,3 +482,10 @@ def test_open_host_check_from_the_command_line(monkeypatch, capsys):
     assert main(["serve", "--model", "demo", "--host", "0.0.0.0", "--port", "6006"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --host 0.0.0.0 lets other machines reach the server") and err.count("\n") == 1
+
+
+def test_the_tunnel_command_names_the_port():
+    from conch.launch import tunnel_command
+
+    line = tunnel_command(6006)
+    assert "ssh -CN -L 6006:127.0.0.1:6006" in line and "http://127.0.0.1:6006/docs" in line

@@ -31,6 +31,13 @@ def wait_until_healthy(url: str, process, timeout_s: float) -> str:
         time.sleep(0.3)
 
 
+def tunnel_command(port: int) -> str:
+    """How to reach a server on a remote machine (AutoDL, a cloud GPU) from your own computer's browser: an SSH
+    tunnel, which needs no open port (AutoDL's personal accounts reach services only this way)."""
+    return (f"from your own computer: ssh -CN -L {port}:127.0.0.1:{port} root@<host> -p <ssh port> "
+            f"(AutoDL: the console's SSH command), then open http://127.0.0.1:{port}/docs and http://127.0.0.1:{port}/")
+
+
 class BackgroundServer:
     """``python -m conch serve`` in a child process on a free local port (notebooks, make run, tests).
 
@@ -83,6 +90,7 @@ class BackgroundServer:
         if status == "timeout":
             self.stop()
             raise ConchError(f"the server did not answer /health within {self.timeout:g} s.")
+        print(f"server ready at {self.url}; on a remote machine, {tunnel_command(self.port)}", flush=True)
         return self
 
     def stop(self) -> int | None:

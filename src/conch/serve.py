@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConchError
-from .launch import BackgroundServer, wait_until_healthy  # noqa: F401 - public here too
+from .launch import BackgroundServer, tunnel_command, wait_until_healthy  # noqa: F401 - public here too
 from .protocol import APIError, ChatRequest
 from .reasoning import ThinkSplitter  # noqa: F401 - public here too
 
@@ -252,6 +252,7 @@ def serve(cfg: ServeConfig) -> None:
           f" as '{cfg.served_model_name}' on http://{cfg.host}:{cfg.port} (docs: /docs, chat page: /)"
           + ("; API key required" if (cfg.api_key or os.environ.get("CONCH_API_KEY")) else "")
           + (f"; RAG over {knowledge.summary()['files']} files in {cfg.rag_dir}" if knowledge else ""), flush=True)
+    print(f"on a remote machine, {tunnel_command(cfg.port)}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (the drain, then the lifespan's shutdown), then
     # re-raises the signal with the handler it found installed: make that handler a clean, immediate
     # exit (code 0). Everything is shut down by then; the interpreter's own teardown (garbage-collecting
