@@ -34,10 +34,13 @@ def demo(demo_path):
 @pytest.fixture(autouse=True)
 def _no_model_env(monkeypatch, tmp_path_factory):
     """Tests choose their model explicitly; a developer's CONCH_* settings, settings file and
-    AutoDL data disk must not leak in (nor a test's settings into the checkout)."""
+    AutoDL data disk must not leak in (nor a test's settings into the checkout). Tests run in float32."""
     for name in ("CONCH_BASE_MODEL", "CONCH_MODEL_SOURCE", "CONCH_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
     machine = tmp_path_factory.mktemp("machine")  # apart from the test's own tmp_path
+    # float32 whatever the CPU: tests compare answers token for token (engine vs model.generate, batched vs one by
+    # one), which bf16's rounding may flip on a CPU with native bf16; the bf16 path has its own tests, which set it
+    monkeypatch.setenv("CONCH_CPU_DTYPE", "fp32")
     monkeypatch.setenv("CONCH_SETTINGS", str(machine / "conch_settings.yaml"))
     monkeypatch.setenv("CONCH_DATA_DISK", str(machine / "no-data-disk"))
 
