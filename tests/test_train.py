@@ -91,6 +91,30 @@ def test_the_head_at_labelled_positions_gives_the_full_loss(tiny_trainable, smal
     assert torch.allclose(outputs.logits, full.logits[:, :-1][wanted], atol=1e-5)
 
 
+def test_the_labelled_loss_is_scaled_as_transformers_scales_its_own(tiny_trainable, small_data, tmp_path, monkeypatch):
+    """Trainer.compute_loss's bookkeeping is kept: a loss over the accumulated batch's tokens counts as scaled for
+    gradient accumulation, and with several processes (tokens counted across devices) it is multiplied by their
+    number, as transformers does for its own loss."""
+    import accelerate
+
+    model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
+    model.config.use_cache = False
+    cfg = config(tiny_trainable, small_data, tmp_path / "scaled")
+    examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:4]
+    args = train.training_arguments(cfg, "fp32", "cpu", evaluate=False)
+    trainer = train.make_trainer(model, tok, args, examples, [], packing=True, callbacks=[])
+    batch = train.collator(tok, packing=True)(train.features(examples))
+    items = (batch["labels"][:, 1:] != -100).sum()
+    with torch.no_grad():
+        one = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+        assert trainer.loss_is_scaled_for_ga is True
+        monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+        two = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+        mean = trainer.compute_loss(model, dict(batch))
+    assert trainer.loss_is_scaled_for_ga is False  # a per-batch mean: the Trainer divides it by the accumulation
+    assert torch.allclose(two, 2 * one) and torch.allclose(mean, one)
+
+
 def test_answer_loss_of_evaluate_uses_the_same_masking(tiny_trainable, small_data):
     from conch import evaluate
 

@@ -399,6 +399,13 @@ def labelled_trainer_class():
     class LabelledTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = labelled_forward(model, inputs, num_items_in_batch)
+            # as Trainer.compute_loss: a loss divided by the tokens of the whole accumulated batch is already
+            # scaled for gradient accumulation; across devices that count is global, and DDP averages the
+            # gradients, so each process's loss is multiplied by the number of processes
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                               else self.args.n_gpu)
             return (loss, outputs) if return_outputs else loss
 
     return LabelledTrainer
