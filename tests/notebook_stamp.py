@@ -32,8 +32,10 @@ KERNELSPEC = {"display_name": "Python (conch)", "language": "python", "name": "c
 CELLS = "code cells"
 
 
-def notebook_paths() -> list[Path]:
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+def notebook_paths(twins: bool = False) -> list[Path]:
+    """The Chinese notebooks (those that run); with ``twins``, their English twins in ``en/`` too."""
+    found = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    return found + sorted((NOTEBOOKS / "en").glob("[0-9][0-9]_*.ipynb")) if twins else found
 
 
 def code_of(nb: dict) -> str:

@@ -156,7 +156,7 @@ def test_a_download_is_recorded_and_found_without_the_network(monkeypatch, tmp_p
     again = hub.resolve("org/model")  # no cache_dir given: the settings file knows the folder
     assert again.path == first.path and len(calls) == 1
     assert str(first.path) in again.why and "conch_settings.yaml" in again.why
-    assert f"found at {first.path}" in capsys.readouterr().out
+    assert f"found at {hub.shown(first.path)}" in capsys.readouterr().out
 
 
 def test_an_incomplete_recorded_folder_is_downloaded_again(monkeypatch, tmp_path, tiny_r1):
@@ -197,3 +197,14 @@ def test_fetch_saves_the_choice_for_later_kernels(monkeypatch, tiny_r1, demo_pat
 def test_fetch_refuses_an_unknown_source_before_anything_else():
     with pytest.raises(ConchError, match="huggingface, mirror, modelscope"):
         hub.fetch("demo", source="hf-mirror")
+
+
+def test_shown_paths_are_relative_to_where_the_learner_is(tmp_path, monkeypatch):
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hub.shown(tmp_path / "repo" / "models" / "demo") == "models/demo"
+    assert hub.shown("outputs/x") == "outputs/x"
+    assert hub.shown(tmp_path / "repo") == "."
+    assert hub.shown(tmp_path / "home" / "autodl-tmp" / "m") == "~/autodl-tmp/m"
+    assert hub.shown("/elsewhere/m") == "/elsewhere/m"

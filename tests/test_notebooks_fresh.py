@@ -1,6 +1,8 @@
 """The outputs saved in the notebooks come from the code they show (tests/notebook_stamp.py)."""
 
 import json
+import re
+import socket
 
 import pytest
 
@@ -40,3 +42,33 @@ def test_a_changed_cell_or_module_makes_a_notebook_stale(tmp_path, monkeypatch):
     nb["metadata"]["conch"]["stamp"]["src/conch/lowrank.py"] = "0" * 16
     path.write_text(json.dumps(nb))
     assert stamp.stale_reasons(path) == ["src/conch/lowrank.py"]
+
+
+MACHINE_PATH = re.compile(r"(?<![\w.~<>-])/(?:work|root|home|tmp|Users|mnt|var|opt|data)/[^\s'\"\\]*")
+
+
+def machine_traces(nb: dict) -> list[str]:
+    """Absolute paths and this machine's host name in a notebook's saved outputs, as 'cell N: text'."""
+    host = socket.gethostname()
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            text = "".join(out.get("text", "")) + json.dumps(out.get("data", {}), ensure_ascii=False)
+            text += "".join(out.get("traceback", [])) + str(out.get("evalue", ""))
+            found += [f"cell {i}: {m.group(0)[:80]}" for m in MACHINE_PATH.finditer(text)]
+            if len(host) > 3 and host in text:
+                found.append(f"cell {i}: the host name {host}")
+    return found
+
+
+@pytest.mark.parametrize("path", stamp.notebook_paths(twins=True), ids=lambda p: p.parent.name + "/" + p.stem)
+def test_saved_outputs_show_nothing_of_the_machine(path):
+    found = machine_traces(json.loads(path.read_text(encoding="utf-8")))
+    assert not found, (f"{path.name} shows the machine that ran it ({'; '.join(found[:5])}): print paths through "
+                       "conch.paths.shown (relative to the repository) and re-run the notebook")
+
+
+def test_machine_traces_finds_paths_and_not_urls_or_repo_paths():
+    nb = {"cells": [{"outputs": [{"text": ["folder: /work/main/models/x\n", "see https://hf-mirror.com/a/b\n",
+                                           "models/smollm2 and ~/autodl-tmp/x and <tmp>/y\n"]}]}]}
+    assert machine_traces(nb) == ["cell 0: /work/main/models/x"]

@@ -32,7 +32,7 @@ from pathlib import Path
 from . import settings
 from .device import Device, pick_device, set_threads  # noqa: F401  (the notebooks' hub.pick_device)
 from .errors import ConchError
-from .paths import models_dir, repo_root  # noqa: F401  (the notebooks' hub.repo_root)
+from .paths import models_dir, repo_root, shown  # noqa: F401  (the notebooks' hub.repo_root, hub.shown)
 
 TARGET_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 DEMO = "demo"
@@ -52,7 +52,7 @@ class ResolvedModel:
     why: str  # one sentence for the learner
 
     def __str__(self) -> str:
-        return f"{self.name} -> {self.path}\n  why: {self.why}"
+        return f"{self.name} -> {shown(self.path)}\n  why: {self.why}"
 
 
 def resolve(base_model: str | None = None, source: str | None = None, cache_dir: str | None = None,
@@ -89,12 +89,14 @@ def resolve(base_model: str | None = None, source: str | None = None, cache_dir:
                          "like 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B'; fix the path or the id.")
     found = learner.recorded_model(name, revision)
     if found is not None:
-        print(f"{name}: found at {found} (recorded in {learner.path}), not downloading again")
-        return ResolvedModel(name, found, why + f" (downloaded earlier, found at {found} through {learner.path})")
+        print(f"{name}: found at {shown(found)} (recorded in {shown(learner.path)}), not downloading again")
+        return ResolvedModel(name, found,
+                             why + f" (downloaded earlier, found at {shown(found)} through {shown(learner.path)})")
     path = download(name, source=learner.source, cache_dir=learner.cache_dir, revision=revision,
                     endpoint=learner.endpoint)
     settings.remember_model(name, path, learner.source, revision)
-    return ResolvedModel(name, path, why + f" (downloaded from {learner.source} to {path}, recorded in {learner.path})")
+    return ResolvedModel(name, path, why + f" (downloaded from {learner.source} to {shown(path)}, "
+                                           f"recorded in {shown(learner.path)})")
 
 
 def fetch(base_model: str | None = "auto", source: str | None = None, cache_dir: str | None = None,

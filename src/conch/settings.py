@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConchError
+from .paths import shown
 
 FILENAME = "conch_settings.yaml"
 SOURCES = ("huggingface", "mirror", "modelscope")
@@ -70,13 +71,13 @@ class Settings:
 
     def __str__(self) -> str:
         exists = "" if self.path.exists() else " (not written yet)"
-        rows = [("settings file", f"{self.path}{exists}"),
+        rows = [("settings file", f"{shown(self.path)}{exists}"),
                 ("source", self.source), ("endpoint", self.endpoint or "https://huggingface.co"),
                 ("cache_dir", self.cache_dir or "(the library's default under ~/.cache)"),
                 ("base_model", self.base_model or "(auto: the 1.5B model with a CUDA GPU, demo without)")]
         lines = [f"{k:<14}{v}" + (f"   <- {self.origin[k]}" if k in self.origin else "") for k, v in rows]
-        lines += [f"{'downloaded':<14}{repo} -> {entry.get('path')}" for repo, entry in self.models.items()
-                  if isinstance(entry, dict)]
+        lines += [f"{'downloaded':<14}{repo} -> {shown(entry['path']) if entry.get('path') else None}"
+                  for repo, entry in self.models.items() if isinstance(entry, dict)]
         return "\n".join(lines)
 
 
