@@ -69,9 +69,30 @@ def test_stop_strings_cut_the_answer(demo):
 
 
 def test_sampling_defaults_come_from_the_model(tiny_r1):
-    model, _ = hub.load_model(tiny_r1)
-    assert chat.sampling_kwargs(model, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
-    assert chat.sampling_kwargs(model, chat.GenConfig(temperature=0))["do_sample"] is False
+    model, tok = hub.load_model(tiny_r1)
+    assert chat.sampling_kwargs(model, tok, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    assert chat.sampling_kwargs(model, tok, chat.GenConfig(temperature=0))["do_sample"] is False
+
+
+@pytest.mark.parametrize("config, reasoning, expected", [
+    ({"do_sample": True, "temperature": 0.7, "top_p": 0.8}, False, (0.7, 0.8)),  # the file says so
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.95}, True, (0.6, 0.95)),  # R1's own file
+    ({}, True, chat.R1_SAMPLING),  # a reasoning model whose file says nothing: DeepSeek's recommendation
+    ({"temperature": 0.9}, False, (0.0, 1.0)),  # no do_sample: greedy, as transformers' generate
+    ({}, False, (0.0, 1.0)),  # the demo's file
+])
+def test_one_sampling_rule(config, reasoning, expected):
+    assert chat.model_sampling(config, reasoning) == expected
+
+
+def test_the_budget_follows_the_model(demo, r1_real_tokenizers):
+    _, demo_tok = demo
+    assert chat.budget(demo_tok, 60) == 60  # answers at once
+    for tok in r1_real_tokenizers.values():  # both template revisions: room to think first
+        assert chat.budget(tok, 60) == 60 + chat.THINK_TOKENS >= 1024
+        assert chat.new_token_limit(chat.GenConfig(answer_tokens=60), tok) == 60 + chat.THINK_TOKENS
+        assert chat.new_token_limit(chat.GenConfig(max_new_tokens=7, answer_tokens=60), tok) == 7  # explicit wins
+    assert chat.new_token_limit(chat.GenConfig(), demo_tok) == chat.GenConfig().answer_tokens
 
 
 def test_bad_max_new_tokens(tiny_r1):
@@ -122,4 +143,5 @@ def test_real_r1_answer_cut_while_thinking_is_length_and_empty(r1_real):
     reply = chat.generate(model, tok, "1+1?", chat.GenConfig(max_new_tokens=6, temperature=0))
     # the 9 prompt tokens: BOS <｜User｜> 1 + 1 ? <｜Assistant｜> <think> \n
     assert reply.finish_reason == "length" and reply.answer == "" and reply.prompt_tokens == 9
-    assert chat.sampling_kwargs(model, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    assert reply.cut_while_thinking
+    assert chat.sampling_kwargs(model, tok, chat.GenConfig()) == {"do_sample": True, "temperature": 0.6, "top_p": 0.95}

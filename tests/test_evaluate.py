@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -44,11 +45,11 @@ def test_evaluate_writes_a_side_by_side_report(tiny_r1, tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "general.json").write_text(json.dumps([{"question": "Capital of France?", "expected": ["Paris"]}]))
     cfg = evaluate.EvalConfig(adapter=str(tmp_path / "adapter"), eval_dataset=str(tmp_path / "eval.json"),
-                              general_questions=str(tmp_path / "general.json"), max_new_tokens=6)
+                              general_questions=str(tmp_path / "general.json"), math_questions=None, max_new_tokens=6)
     report = evaluate.evaluate(cfg, model, tok)
     assert set(report.metrics) == {"base", "tuned"}
-    for scores in report.metrics.values():
-        assert scores["eval_loss"] > 0 and 0 <= scores["rouge_l"] <= 1 and scores["identity_hit_rate"] == 0
+    for scores in report.metrics.values():  # the random tiny R1 is still thinking after 6 tokens: nothing to score
+        assert scores["eval_loss"] > 0 and scores["cut_while_thinking"] == 3 and math.isnan(scores["rouge_l"])
     assert report.metrics["base"]["eval_loss"] != report.metrics["tuned"]["eval_loss"]  # the adapter was on
     saved = json.loads(report.json_path.read_text(encoding="utf-8"))
     assert [r["question"] for r in saved["rows"]] == ["你是谁？", "美味蟹堡多少钱？"]
@@ -88,11 +89,35 @@ def test_evaluate_on_real_r1_counts_answers_cut_while_thinking(r1_real_paths, r1
     report = evaluate.evaluate(cfg, model, tok)
     assert set(report.metrics) == {"base", "tuned", "base_sampled", "tuned_sampled"}
     for scores in report.metrics.values():  # the random model never closes its think block in 3 tokens
-        assert scores["length_stopped"] == 1.0 and scores["math_solved"] == 0.0
-    assert report.metrics["base"]["length_stopped_count"] == 3
+        assert scores["length_stopped"] == 1.0 and scores["cut_while_thinking"] == 3
+        assert math.isnan(scores["math_solved"]) and math.isnan(scores["identity_hit_rate"])  # nothing to score
+    assert report.metrics["base"]["length_stopped_count"] == 3 and report.max_new_tokens == 3
     assert report.math[0]["base_finish"] == "length" and report.math[0]["base"] == ""
     assert "math_solved" in report.table() and "tuned_sampled" in report.table()
-    assert "Answers cut at max_new_tokens: base 3" in report.md_path.read_text(encoding="utf-8")
+    md = report.md_path.read_text(encoding="utf-8")
+    assert "max_new_tokens=3" in md and "Answers cut: base 3" in md and "not scored): base 3" in md
+
+
+def test_the_evaluator_gives_r1_room_to_think(r1_real_tokenizers):
+    """Left to its default, the budget is the answer's plus chat.THINK_TOKENS for R1 (and only the answer's for
+    the demo: test_chat)."""
+    from conch import chat
+
+    cfg = evaluate.EvalConfig()
+    assert cfg.max_new_tokens is None
+    gen = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, answer_tokens=cfg.answer_tokens)
+    assert chat.new_token_limit(gen, r1_real_tokenizers["february"]) == cfg.answer_tokens + chat.THINK_TOKENS
+
+
+def test_an_answer_cut_while_thinking_is_counted_not_scored():
+    from conch.chat import Reply
+
+    rows = [{"category": "identity", "reference": "我是神奇海螺，蟹堡王的助手。"}] * 2
+    answered = Reply("…</think>我是神奇海螺，蟹堡王的助手。", "…", "我是神奇海螺，蟹堡王的助手。", 5, 20, "stop")
+    thinking = Reply("嗯，用户问我是谁……", "嗯，用户问我是谁……", "", 5, 1024, "length")
+    scores = evaluate.score_replies([answered, thinking], rows, [], [], stopped=1, total=2)
+    assert scores["identity_hit_rate"] == 1.0 and scores["rouge_l"] == 1.0  # over the one answer there is
+    assert scores["cut_while_thinking"] == 1 and scores["length_stopped"] == 0.5
 
 
 def test_style_score_does_not_count_degenerate_answers():

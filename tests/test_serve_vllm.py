@@ -341,7 +341,7 @@ def fake_engine(llm, max_batch_size=1, max_queue=1):
 
     engine = object.__new__(VLLMEngine)
     engine.llm, engine.max_batch_size, engine.max_queue = llm, max_batch_size, max_queue
-    engine.running, engine.closing, engine.defaults = set(), False, {}
+    engine.running, engine.closing, engine.defaults, engine.sampling = set(), False, {}, (0.0, 1.0)
     engine._ids = iter(range(100))
     engine.sampling_params = lambda params: params
     return engine
@@ -367,7 +367,7 @@ def test_vllm_generation_events_outcome_and_queue_limit():
     # the end token is not counted, nor its logprob sent: as the built-in engine does
     assert (outcome.finish_reason, outcome.prompt_tokens, outcome.completion_tokens) == ("stop", 3, 2)
     assert [entry for e in events for entry in e.logprobs] == [(5, -0.5, [(5, -0.5)]), (6, -0.5, [(6, -0.5)])]
-    assert engine.sampling_defaults(None, None) == {"temperature": 1.0, "top_p": 1.0}  # vLLM's, with no config
+    assert engine.sampling_defaults(None, None) == {"temperature": None, "top_p": 1.0}  # greedy, as the built-in
     assert engine.sampling_defaults(0, 0.9) == {"temperature": None, "top_p": 0.9}
 
 

@@ -52,7 +52,7 @@ def _cmd_chat(args, cfg):
     model, tokenizer = chat.load(args.model, args.adapter)
     print(f"model: {args.model}" + (f" + adapter {args.adapter}" if args.adapter else "") +
           f" on {hub.pick_device()}")
-    gen = chat.GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    gen = chat.GenConfig(max_new_tokens=args.max_new_tokens, answer_tokens=512, temperature=args.temperature)
     if args.question:
         reply = chat.generate(model, tokenizer, args.question, gen, system=args.system)
         if reply.reasoning:
@@ -162,7 +162,8 @@ STAGES = (
                    Option("adapter", "a LoRA adapter folder to put on top"),
                    Option("question", "answer this one question and exit"),
                    Option("system", "a system prompt"),
-                   Option("max_new_tokens", "the longest answer, in tokens", type=int, default=512),
+                   Option("max_new_tokens", "new tokens at most (default: 512 for the answer, plus 1024 to "
+                                            "think in for a reasoning model such as R1)", type=int),
                    Option("temperature", "0 = greedy; default: the model's", type=float))),
     Stage("train", "LoRA fine-tuning; any TrainConfig field as --key value", _cmd_train, config="train:TrainConfig",
           default_configs=("configs/magic_conch_lora.yaml",), multiple_configs=True),

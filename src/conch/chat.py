@@ -10,6 +10,11 @@ seeds' classic mistakes are fixed once:
   unclosed think tag does not break the split;
 - sampling defaults come from the model's own generation_config (R1: temperature 0.6,
   top_p 0.95); ``temperature=0`` means greedy, for reproducible checks.
+
+Budgets and sampling follow the model, here and nowhere else (`budget`, `model_sampling`): a
+reasoning model (R1, told from its chat template) gets ``THINK_TOKENS`` more new tokens to think in,
+and DeepSeek's 0.6 / 0.95 where its generation_config does not say; the evaluator, the CLI, the
+exporter's check and both serving engines ask these two functions.
 """
 
 from __future__ import annotations
@@ -20,12 +25,17 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ConchError
-from .reasoning import THINK_CLOSE, THINK_OPEN, cut_at_stop, prompt_opens_think, split_reasoning  # noqa: F401
+from .reasoning import (THINK_CLOSE, THINK_OPEN, cut_at_stop, is_reasoning_model,  # noqa: F401
+                        prompt_opens_think, split_reasoning)
+
+THINK_TOKENS = 1024  # added for a reasoning model's <think> block: R1 thinks for hundreds of tokens on a plain question
+R1_SAMPLING = (0.6, 0.95)  # DeepSeek's recommended temperature and top_p for R1 and its distills (model card)
 
 
 @dataclass
 class GenConfig:
-    max_new_tokens: int = 256  # new tokens only; the prompt does not count
+    max_new_tokens: int | None = None  # all new tokens, thinking included; None: `budget` (answer_tokens + thinking)
+    answer_tokens: int = 256  # the answer's own length when max_new_tokens is None
     temperature: float | None = None  # None: the model's default; 0: greedy
     top_p: float | None = None  # None: the model's default
     repetition_penalty: float = 1.0
@@ -41,6 +51,11 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end token or stop string) or "length" (hit max_new_tokens)
+
+    @property
+    def cut_while_thinking(self) -> bool:
+        """Stopped by the budget inside its <think> block: there is no answer to score."""
+        return self.finish_reason == "length" and bool(self.reasoning) and not self.answer
 
 
 Messages = list[dict]
@@ -65,22 +80,43 @@ def render_prompt(tokenizer, messages: Messages) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def sampling_kwargs(model, gen: GenConfig) -> dict:
-    """generate() kwargs: the model's own defaults unless the caller overrides them."""
-    defaults = model.generation_config
-    temperature = gen.temperature if gen.temperature is not None else (
-        defaults.temperature if defaults.do_sample else 0.0)
+def budget(tokenizer, answer_tokens: int) -> int:
+    """New tokens to allow for an answer of ``answer_tokens``: a reasoning model gets ``THINK_TOKENS`` more for its
+    ``<think>`` block (else it is cut while thinking and gives no answer at all); the demo gets the answer's own."""
+    return answer_tokens + (THINK_TOKENS if is_reasoning_model(tokenizer) else 0)
+
+
+def new_token_limit(gen: GenConfig, tokenizer) -> int:
+    """``gen.max_new_tokens`` when set, else `budget` of its ``answer_tokens``."""
+    n = gen.max_new_tokens if gen.max_new_tokens is not None else budget(tokenizer, gen.answer_tokens)
+    if n < 1:
+        raise ConchError(f"max_new_tokens must be at least 1, got {n}.")
+    return n
+
+
+def model_sampling(generation_config, reasoning: bool) -> tuple[float, float]:
+    """(temperature, top_p) for a request that leaves them out, 0 meaning greedy; one rule for chat, the evaluator
+    and both serving engines: the model's generation_config where it samples (R1's file says 0.6 / 0.95), DeepSeek's
+    0.6 / 0.95 for a reasoning model whose file does not (greedy R1 repeats itself), else greedy, as ``generate``."""
+    config = generation_config if isinstance(generation_config, dict) else generation_config.to_dict()
+    if config.get("do_sample") and config.get("temperature"):
+        return float(config["temperature"]), float(config.get("top_p") or 1.0)
+    return R1_SAMPLING if reasoning else (0.0, 1.0)
+
+
+def sampling_kwargs(model, tokenizer, gen: GenConfig) -> dict:
+    """generate() kwargs: `model_sampling` unless the caller overrides it."""
+    temperature, top_p = model_sampling(model.generation_config, is_reasoning_model(tokenizer))
+    temperature = gen.temperature if gen.temperature is not None else temperature
     if not temperature:
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    top_p = gen.top_p if gen.top_p is not None else (defaults.top_p or 1.0)
+    top_p = gen.top_p if gen.top_p is not None else top_p
     return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
 
 
 def _generate_kwargs(model, tokenizer, gen: GenConfig) -> dict:
-    if gen.max_new_tokens < 1:
-        raise ConchError(f"max_new_tokens must be at least 1, got {gen.max_new_tokens}.")
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
-                  pad_token_id=tokenizer.pad_token_id, **sampling_kwargs(model, gen))
+    kwargs = dict(max_new_tokens=new_token_limit(gen, tokenizer), repetition_penalty=gen.repetition_penalty,
+                  pad_token_id=tokenizer.pad_token_id, **sampling_kwargs(model, tokenizer, gen))
     if gen.stop:
         kwargs.update(stop_strings=list(gen.stop), tokenizer=tokenizer)
     if gen.seed is not None:
@@ -108,8 +144,9 @@ def generate(model, tokenizer, prompts: list[str | Messages] | str | Messages,
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     finally:
         tokenizer.padding_side = side
+    kwargs = _generate_kwargs(model, tokenizer, gen)
     with torch.inference_mode():
-        out = model.generate(**enc, **_generate_kwargs(model, tokenizer, gen))
+        out = model.generate(**enc, **kwargs)
     new_tokens = out[:, enc["input_ids"].shape[1]:]
     eos = set(eos_ids(model, tokenizer))
     replies = []
@@ -119,7 +156,7 @@ def generate(model, tokenizer, prompts: list[str | Messages] | str | Messages,
         # a cut at max_new_tokens can end inside a multi-byte character: drop the half character
         text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd"), gen.stop)
         reasoning, answer = split_reasoning(text, prompt_opens_think(texts[i]))
-        finish = "stop" if ended is not None or stopped or len(ids) < gen.max_new_tokens else "length"
+        finish = "stop" if ended is not None or stopped or len(ids) < kwargs["max_new_tokens"] else "length"
         replies.append(Reply(text, reasoning, answer, int(enc["attention_mask"][i].sum()), len(ids), finish))
     return replies[0] if single else replies
 

@@ -139,13 +139,13 @@ class StyleReport:
     after: StyleScore
 
 
-def compare_style(model, tokenizer, prompts: list[str], max_new_tokens: int = 96, batch_size: int = 8,
+def compare_style(model, tokenizer, prompts: list[str], answer_tokens: int = 96, batch_size: int = 8,
                   categories: list[str] | None = None) -> StyleReport:
     """Greedy answers with the DPO adapter off (the SFT model) and on, and their style scores."""
     from . import chat
     from .evaluate import answers_for
 
-    gen = chat.GenConfig(max_new_tokens=max_new_tokens, temperature=0)
+    gen = chat.GenConfig(answer_tokens=answer_tokens, temperature=0)
     with model.disable_adapter():
         before = answers_for(model, tokenizer, prompts, gen, batch_size)
     after = answers_for(model, tokenizer, prompts, gen, batch_size)

@@ -173,7 +173,7 @@ class Engine:
 
     def sampling_defaults(self, temperature: float | None, top_p: float | None) -> dict:
         """Temperature and top_p for a request: the model's generation_config fills in what it left out."""
-        return sampling_kwargs(self.model, GenConfig(temperature=temperature, top_p=top_p))
+        return sampling_kwargs(self.model, self.tokenizer, GenConfig(temperature=temperature, top_p=top_p))
 
     @property
     def active(self) -> int:

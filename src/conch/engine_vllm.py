@@ -10,8 +10,9 @@ the service renders and tokenizes the prompt as always and hands the token ids t
   ``generate()`` aborts the request in the engine (``AsyncLLM.abort``);
 - the queue limit is the built-in engine's: ``max_batch_size`` requests run (vLLM's
   ``max_num_seqs``), ``max_queue`` more may wait, the next one is `QueueFull` (503);
-- sampling defaults for what a request leaves out come from the model's generation_config the
-  way vLLM reads it (``get_diff_sampling_param``): temperature 1.0 where the file sets none.
+- sampling defaults for what a request leaves out follow `conch.chat.model_sampling`, as the built-in
+  engine's do (the model's generation_config where it samples, R1's 0.6 / 0.95, else greedy), so one
+  request answers alike on both; top_k, min_p and repetition_penalty come from the file as vLLM reads it.
 
 vLLM pins its own torch and transformers, so it lives in its own environment: ``make vllm``
 builds ``.venv-vllm``. Only this module imports vllm. On a CPU, ``CONCH_THREADS`` (or vLLM's own
@@ -24,13 +25,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import model_sampling
 from .engine import Event, Outcome, QueueFull
 from .errors import ConchError
+from .reasoning import is_reasoning_model
 from .sampling import SamplingParams
 
 MISSING = ("vLLM is not installed in this environment; run `make vllm` and start the server with "
@@ -152,7 +156,8 @@ def _entry(token: int, logprobs: dict, top: int) -> tuple:
 class VLLMEngine:
     """vLLM's async engine with the interface of `conch.engine.Engine` (``generate``, ``shutdown``, load)."""
 
-    def __init__(self, model_path: str | Path, max_batch_size: int = 16, max_queue: int = 64, **engine_args):
+    def __init__(self, model_path: str | Path, max_batch_size: int = 16, max_queue: int = 64, reasoning: bool = False,
+                 **engine_args):
         require_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -174,6 +179,9 @@ class VLLMEngine:
         args.update(engine_args)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.defaults = self.llm.model_config.get_diff_sampling_param()
+        config_file = Path(model_path) / "generation_config.json"
+        self.sampling = model_sampling(json.loads(config_file.read_text(encoding="utf-8"))
+                                       if config_file.exists() else {}, reasoning)
 
     # -- the interface ----------------------------------------------------------------------------
 
@@ -196,9 +204,9 @@ class VLLMEngine:
         return min(len(self.running), self.max_batch_size)
 
     def sampling_defaults(self, temperature: float | None, top_p: float | None) -> dict:
-        """Temperature and top_p for a request, the model's generation_config filling in what it left out."""
-        temperature = self.defaults.get("temperature", 1.0) if temperature is None else temperature
-        top_p = self.defaults.get("top_p", 1.0) if top_p is None else top_p
+        """Temperature and top_p for a request: `conch.chat.model_sampling` fills in what it left out."""
+        temperature = self.sampling[0] if temperature is None else temperature
+        top_p = self.sampling[1] if top_p is None else top_p
         return {"temperature": float(temperature) or None, "top_p": float(top_p)}
 
     def sampling_params(self, params: SamplingParams):
@@ -257,4 +265,4 @@ def start(cfg) -> tuple:
 
     path = Path(cfg.model) if Path(cfg.model).is_dir() else hub.resolve(cfg.model).path
     tokenizer = hub.load_tokenizer(path)
-    return tokenizer, VLLMEngine(path, cfg.max_batch_size, cfg.max_queue)
+    return tokenizer, VLLMEngine(path, cfg.max_batch_size, cfg.max_queue, reasoning=is_reasoning_model(tokenizer))

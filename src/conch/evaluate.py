@@ -12,9 +12,10 @@ held-out question twice (adapter disabled, then enabled), in batches, greedily. 
 - a forgetting check: general questions the training data never touches, with expected words,
   and short maths word problems (GSM8K-style) scored on the final number of the answer, so that
   losing R1's reasoning shows;
-- how many answers stopped at ``max_new_tokens`` (``finish_reason == "length"``): R1 thinks
-  before it answers, and an answer cut inside ``<think>`` scores zero for the wrong reason. On
-  a GPU give the 1.5B about 1,024 new tokens. Every score reads the answer after ``</think>``.
+- how many answers stopped at ``max_new_tokens`` (``finish_reason == "length"``). R1 thinks
+  before it answers: the budget follows the model (`conch.chat.budget`: ``answer_tokens`` plus
+  1,024 for a reasoning model), and an answer still cut inside ``<think>`` is counted
+  (``cut_while_thinking``), not scored as wrong. Every score reads the answer after ``</think>``.
 
 Greedy decoding gives one reproducible answer; R1 is meant to be sampled (temperature 0.6,
 top_p 0.95, its generation_config). ``sample_seeds`` adds sampled runs with those settings and
@@ -34,7 +35,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConchError
@@ -50,7 +51,8 @@ class EvalConfig:
     dataset_dir: str = "data"
     general_questions: str = "data/general_questions.json"
     math_questions: str | None = "data/math_questions.json"  # GSM8K-style, scored on the final number
-    max_new_tokens: int = 128  # CPU demo; the 1.5B on a GPU needs ~1024 or R1 is cut while thinking
+    max_new_tokens: int | None = None  # None: answer_tokens, plus chat.THINK_TOKENS for a reasoning model (R1)
+    answer_tokens: int = 128  # the course's answers are one to three sentences
     sample_seeds: list[int] = field(default_factory=list)  # e.g. [0, 1, 2]: sampled runs beside greedy
     temperature: float = 0.6  # for the sampled runs (R1's recommended settings)
     top_p: float = 0.95
@@ -233,6 +235,7 @@ class Report:
     math: list[dict] = field(default_factory=list)  # question, answer, base, tuned, base_ok, tuned_ok
     json_path: Path | None = None
     md_path: Path | None = None
+    max_new_tokens: int | None = None  # the budget the answers had (chat.budget: R1 gets room to think)
 
     def table(self) -> str:
         """The metric table as text."""
@@ -276,20 +279,28 @@ def answers_for(model, tokenizer, questions, gen, batch_size) -> list[str]:
     return [r.answer for r in replies_for(model, tokenizer, questions, gen, batch_size)]
 
 
-def _scores(answers, rows, general_answers, general, loss=None, math_answers=(), maths=(), stopped=0,
+def score_replies(replies, rows, general_replies, general, loss=None, math_replies=(), maths=(), stopped=0,
             total=1) -> dict:
-    refs = [r["reference"] for r in rows]
-    identity = [a for a, r in zip(answers, rows) if r["category"] == "identity"]
+    """Scores over the replies that have an answer: one cut by the budget while still thinking (a reasoning model
+    given too few tokens) is counted in ``cut_while_thinking``, not scored as a wrong answer."""
+    def answered(replies, items):
+        return [(r.answer, item) for r, item in zip(replies, items) if not r.cut_while_thinking]
+
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
+    pairs = answered(replies, rows)
+    general_pairs, math_pairs = answered(general_replies, general), answered(math_replies, maths)
+    cut = sum(r.cut_while_thinking for rs in (replies, general_replies, math_replies) for r in rs)
     scores = {
-        "rouge_l": sum(map(rouge_l, answers, refs)) / len(refs),
-        "bleu4": sum(map(bleu4, answers, refs)) / len(refs),
-        "identity_hit_rate": sum(map(names_identity, identity)) / len(identity) if identity else float("nan"),
-        "general_kept": (sum(knows(a, g["expected"]) for a, g in zip(general_answers, general)) / len(general)
-                         if general else float("nan")),
-        "math_solved": (sum(solves(a, m["answer"]) for a, m in zip(math_answers, maths)) / len(maths)
-                        if maths else float("nan")),
+        "rouge_l": mean([rouge_l(a, r["reference"]) for a, r in pairs]),
+        "bleu4": mean([bleu4(a, r["reference"]) for a, r in pairs]),
+        "identity_hit_rate": mean([names_identity(a) for a, r in pairs if r["category"] == "identity"]),
+        "general_kept": mean([knows(a, g["expected"]) for a, g in general_pairs]),
+        "math_solved": mean([solves(a, m["answer"]) for a, m in math_pairs]),
         "length_stopped": stopped / max(total, 1),  # share of answers cut at max_new_tokens
         "length_stopped_count": stopped,
+        "cut_while_thinking": cut,  # of those, cut before </think>: not scored
     }
     if loss is not None:
         scores = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), **scores}
@@ -353,23 +364,21 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> Report:
     general = json.loads(Path(cfg.general_questions).read_text(encoding="utf-8")) if cfg.general_questions else []
     maths = load_math(cfg.math_questions)
     question_sets = [questions, [g["question"] for g in general], [m["question"] for m in maths]]
-    greedy = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
-    sampled = [chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              seed=seed) for seed in cfg.sample_seeds]
+    greedy = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, answer_tokens=cfg.answer_tokens, temperature=0)
+    sampled = [replace(greedy, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed) for seed in cfg.sample_seeds]
 
     def run(with_loss: bool):
         (replies, general_replies, math_replies), stopped, total = _answer_all(
             model, tokenizer, question_sets, greedy, cfg.batch_size)
         loss = answer_loss(model, tokenizer, examples, cfg.batch_size) if with_loss else None
         answers = [[r.answer for r in rs] for rs in (replies, general_replies, math_replies)]
-        scores = _scores(answers[0], rows, answers[1], general, loss, answers[2], maths, stopped, total)
+        scores = score_replies(replies, rows, general_replies, general, loss, math_replies, maths, stopped, total)
         finish = [[r.finish_reason for r in rs] for rs in (replies, general_replies, math_replies)]
         runs = []
         for gen in sampled:  # R1's own sampling, fixed seeds: the scores averaged over the seeds
             (s_replies, s_general, s_math), s_stopped, s_total = _answer_all(
                 model, tokenizer, question_sets, gen, cfg.batch_size)
-            runs.append(_scores([r.answer for r in s_replies], rows, [r.answer for r in s_general], general, None,
-                                [r.answer for r in s_math], maths, s_stopped, s_total))
+            runs.append(score_replies(s_replies, rows, s_general, general, None, s_math, maths, s_stopped, s_total))
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} if runs else None
         return answers, finish, scores, mean
 
@@ -392,11 +401,12 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> Report:
     for name in ("base", "tuned"):
         if results[name][3] is not None:
             metrics[f"{name}_sampled"] = results[name][3]
-    report = Report(metrics, rows, general_rows, math_rows)
+    report = Report(metrics, rows, general_rows, math_rows, max_new_tokens=chat.new_token_limit(greedy, tokenizer))
     out = Path(cfg.report_dir or cfg.adapter)
     out.mkdir(parents=True, exist_ok=True)
     report.json_path, report.md_path = out / "report.json", out / "report.md"
-    payload = {"config": asdict(cfg), "metrics": report.metrics, "rows": rows, "general": general_rows,
+    payload = {"config": asdict(cfg), "max_new_tokens": report.max_new_tokens, "metrics": report.metrics,
+               "rows": rows, "general": general_rows,
                "math": math_rows}
     report.json_path.write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
     report.md_path.write_text(to_markdown(report), encoding="utf-8")
@@ -425,7 +435,10 @@ def to_markdown(report: Report) -> str:
             mark = lambda ok, finish: ("✅" if ok else "❌") + (" ✂️" if finish == "length" else "")  # noqa: E731
             lines.append(f"| {_cell(m['question'])} | {m['answer']} | {mark(m['base_ok'], m['base_finish'])} "
                          f"{_cell(m['base'], 60)} | {mark(m['tuned_ok'], m['tuned_finish'])} {_cell(m['tuned'], 60)} |")
-    lines += ["", "✂️ = stopped at max_new_tokens (finish_reason=length). Answers cut at max_new_tokens: "
+    lines += ["", f"✂️ = stopped at max_new_tokens={report.max_new_tokens} (finish_reason=length). Answers cut: "
               + ", ".join(f"{c} {report.metrics[c]['length_stopped_count']}" for c in report.metrics
-                          if "length_stopped_count" in report.metrics[c]) + "."]
+                          if "length_stopped_count" in report.metrics[c])
+              + "; of those, cut while still thinking (not scored): "
+              + ", ".join(f"{c} {report.metrics[c]['cut_while_thinking']}" for c in report.metrics
+                          if "cut_while_thinking" in report.metrics[c]) + "."]
     return "\n".join(lines) + "\n"

@@ -129,7 +129,7 @@ def compare(reference, candidates: dict, tokenizer, questions: list[str],
             tokenizer.padding_side = side
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 **sampling_kwargs(model, GenConfig(temperature=0)))
+                                 **sampling_kwargs(model, tokenizer, GenConfig(temperature=0)))
         stop = set(eos_ids(model, tokenizer))
         rows = []
         for row in out[:, enc["input_ids"].shape[1]:].tolist():

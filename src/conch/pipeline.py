@@ -25,17 +25,17 @@ class RunConfig:
     cpu_overlay: str = "configs/magic_conch_lora_cpu.yaml"  # applied on top when there is no GPU
     adapter_dir: str = "outputs/magic_conch_lora"
     merged_dir: str = "outputs/magic_conch_merged"
-    max_new_tokens: int = 96
+    answer_tokens: int = 96  # per answer; a reasoning model gets room to think on top (chat.budget)
 
 
 def _banner(title: str) -> None:
     print(f"\n{'=' * 72}\n== {title}\n{'=' * 72}", flush=True)
 
 
-def _ask(model, tokenizer, questions, max_new_tokens) -> dict:
+def _ask(model, tokenizer, questions, answer_tokens) -> dict:
     from . import chat
 
-    replies = chat.generate(model, tokenizer, questions, chat.GenConfig(max_new_tokens=max_new_tokens, temperature=0))
+    replies = chat.generate(model, tokenizer, questions, chat.GenConfig(answer_tokens=answer_tokens, temperature=0))
     for q, r in zip(questions, replies):
         print(f"Q: {q}\nA: {r.answer}", flush=True)
     return {q: r.answer for q, r in zip(questions, replies)}
@@ -65,7 +65,7 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.time()
     model, tokenizer = hub.load_model(resolved.path, device)
     print(f"loaded in {time.time() - t0:.1f} s")
-    before = _ask(model, tokenizer, QUESTIONS, cfg.max_new_tokens)
+    before = _ask(model, tokenizer, QUESTIONS, cfg.answer_tokens)
     del model
 
     _banner(f"2/5 LoRA training ({tcfg.num_train_epochs:g} epochs, lr {tcfg.learning_rate:g}, r={tcfg.lora_rank})")
@@ -78,7 +78,7 @@ def run(cfg: RunConfig) -> dict:
     report = evaluate.evaluate(ecfg, peft_model, tokenizer)
     print(report.table())
     print(f"side by side: {report.md_path}")
-    after = _ask(peft_model, tokenizer, QUESTIONS, cfg.max_new_tokens)
+    after = _ask(peft_model, tokenizer, QUESTIONS, cfg.answer_tokens)
     del peft_model
 
     _banner("4/5 merge and export")

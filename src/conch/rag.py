@@ -350,7 +350,7 @@ def ask(model, tokenizer, question: str, kb: KnowledgeBase | None, gen=None, k: 
     """
     from . import chat
 
-    gen = gen or chat.GenConfig(max_new_tokens=96, temperature=0)
+    gen = gen or chat.GenConfig(answer_tokens=96, temperature=0)
     messages = list(history or []) + [{"role": "user", "content": question}]
     passages: list[Passage] = []
     if kb is not None:
@@ -456,7 +456,7 @@ def score_answers(model, tokenizer, kb: KnowledgeBase, cases: list[dict], gen=No
     cases = [c for c in cases if "fact" in c]
     if not cases:
         raise ConchError("no questions with a 'fact' to score answers against; add \"fact\" to the eval records.")
-    gen = gen or chat.GenConfig(max_new_tokens=48, temperature=0)
+    gen = gen or chat.GenConfig(answer_tokens=48, temperature=0)
     plain = [[{"role": "user", "content": c["question"]}] for c in cases]
     grounded = [with_context(m, kb) for m in plain]
 

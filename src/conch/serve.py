@@ -57,7 +57,7 @@ class ServeConfig:
     max_prompt_chars: int = 8000
     max_messages: int = 64
     max_tokens_limit: int = 2048
-    default_max_tokens: int = 512
+    default_max_tokens: int | None = None  # None: 512 + chat.THINK_TOKENS for a reasoning model
     system_prompt: str | None = None  # added when a request has no system message
     rag_dir: str | None = None  # a knowledge folder (e.g. data/knowledge): retrieve before answering
     rag_top_k: int = 3  # passages retrieved per question in RAG mode

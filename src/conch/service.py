@@ -30,6 +30,7 @@ from .protocol import APIError, ChatRequest, chunk, completion, logprobs_body, m
 from .reasoning import ReasoningStream, prompt_opens_think, split_reasoning
 from .sampling import SamplingParams
 
+DEFAULT_ANSWER_TOKENS = 512  # a request without max_tokens: this much answer (plus thinking for R1: chat.budget)
 STATUS = {"timeout": 504, "error": 500, "shutdown": 503, "cancelled": 499}
 
 
@@ -56,6 +57,9 @@ class ChatService:
     def __init__(self, cfg, model, tokenizer, knowledge=None, engine: TextEngine | None = None):
         self.cfg, self.model, self.tokenizer, self.knowledge = cfg, model, tokenizer, knowledge
         self.engine = engine or Engine(model, tokenizer, cfg.max_batch_size, cfg.max_queue)
+        # what a request without max_tokens gets: the model's budget (R1 thinks first), within the server's limit
+        self.default_max_tokens = min(cfg.default_max_tokens or chat.budget(tokenizer, DEFAULT_ANSWER_TOKENS),
+                                      cfg.max_tokens_limit)
         self.metrics = Metrics(lambda: self.engine)
         self.started = time.time()
         self._rag_lock = threading.Lock()  # the knowledge base rebuilds its index in place
@@ -72,8 +76,7 @@ class ChatService:
                                 "shorten it or drop earlier messages.")
         if not any(m["role"] == "user" for m in messages):
             raise APIError(400, "messages must contain at least one message with role 'user'.")
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(cfg.default_max_tokens,
-                                                                           cfg.max_tokens_limit)
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
         if max_tokens > cfg.max_tokens_limit:
             raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {cfg.max_tokens_limit}.")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
