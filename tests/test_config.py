@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conch.config import load_config, parse_cli_overrides
+from conch.config import load_config, parse_cli_overrides, read_yaml_mapping
 from conch.errors import ConchError
 
 
@@ -49,6 +49,31 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("a: [1,\n")
     with pytest.raises(ConchError, match="not valid YAML"):
         load_config(Cfg, bad)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: 1\nb: [1,\n", r"bad.yaml is not valid YAML at line 3 \(.*\); fix that line\.$"),
+    ("- a\n- b\n", r"bad.yaml must hold key: value pairs at its top level, not a list; fix it\.$"),
+    ("just text\n", r"not a single value; fix it\.$"),
+])
+def test_read_yaml_mapping_is_one_sentence_naming_the_file_and_line(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConchError, match=message) as info:
+        read_yaml_mapping(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConchError, match="or delete the file"):
+        read_yaml_mapping(bad, deletable=True)
+
+
+def test_read_yaml_mapping_reads_a_mapping_and_an_empty_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\nb: [x, y]\n")
+    assert read_yaml_mapping(path) == {"a": 1, "b": ["x", "y"]}
+    path.write_text("# nothing yet\n")
+    assert read_yaml_mapping(path) == {}
+    with pytest.raises(ConchError, match="does not exist"):
+        read_yaml_mapping(tmp_path / "nope.yaml")
 
 
 def test_later_files_override_earlier_ones(tmp_path):

@@ -50,7 +50,7 @@ def test_lora_training_lowers_the_loss_and_writes_everything(tiny_trainable, sma
     for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_log.jsonl", "loss.png",
                  "train_config.yaml", "train_results.json", "checkpoint-30"):
         assert (out / name).exists(), name
-    assert not (out / ".adapter.tmp").exists()
+    assert not (out / ".staged.tmp").exists()
     log = train.read_log(out)
     assert log[-1]["current_steps"] == 30 and any(h.get("eval_loss") for h in log)
     assert json.loads((out / "train_results.json").read_text())["trainable_params"] == result.trainable_params

@@ -57,7 +57,9 @@ def load_config(cls, path: str | Path | list | None = None, overrides: list[str]
     names = {f.name for f in dataclasses.fields(cls)}
     result = {}
     for file in ([path] if isinstance(path, (str, Path)) else path or []):
-        for key, value in _read_yaml(Path(file)).items():
+        if not Path(file).exists():
+            raise ConchError(f"config file {file} does not exist; check the path (configs/ holds the examples).")
+        for key, value in read_yaml_mapping(file).items():
             if key not in names:
                 raise ConchError(f"{file}: unknown setting '{key}'; valid settings are: {', '.join(sorted(names))}.")
             result[key] = _convert(cls, key, value, str(file))
@@ -97,15 +99,27 @@ def parse_cli_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: str | Path, *, deletable: bool = False) -> dict:
+    """A YAML file's top-level mapping ({} when empty); else one ConchError sentence naming the file and line.
+
+    ``deletable=True`` (an optional file) adds "or delete the file" to the advice.
+    """
     import yaml
 
+    path = Path(path)
     if not path.exists():
-        raise ConchError(f"config file {path} does not exist; check the path (configs/ holds the examples).")
+        raise ConchError(f"{path} does not exist; check the path.")
+    or_delete = " or delete the file" if deletable else ""
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConchError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the line it names.") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConchError(f"{path} is not valid YAML{where} ({problem}); fix that line{or_delete}.") from None
+    if loaded is None:
+        return {}
     if not isinstance(loaded, dict):
-        raise ConchError(f"{path} must hold key: value pairs at its top level.")
+        kind = "a list" if isinstance(loaded, list) else "a single value"
+        raise ConchError(f"{path} must hold key: value pairs at its top level, not {kind}; fix it{or_delete}.")
     return loaded

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConchError
+from .paths import repo_root, staged
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist that carries llama.cpp's converter and its gguf-py
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -116,8 +117,6 @@ class ExportResult:
 
 def converter_dir() -> Path:
     """Where the converter lives: ``$CONCH_LLAMA_CPP`` or ``<repo>/.cache/llama.cpp-<version>`` (git-ignored)."""
-    from .paths import repo_root
-
     return Path(os.environ.get("CONCH_LLAMA_CPP") or repo_root() / ".cache" / f"llama.cpp-{LLAMA_CPP_PYTHON}")
 
 
@@ -156,17 +155,12 @@ def ensure_converter(folder: str | Path | None = None) -> Path:
                              "served a different file: use PyPI itself (unset PIP_INDEX_URL) and try again.")
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
         keep = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE")
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tarfile.open(sdists[0]) as tar:
+        with staged(folder) as tmp, tarfile.open(sdists[0]) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix)
                        and m.name[len(prefix):].startswith(keep)]
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(tmp, members=members, filter="data")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
     print(f"converter ready in {folder} ({time.time() - started:.0f} s)")
     return folder
 
@@ -484,10 +478,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     parameters = sampling_parameters(merged, tokenizer)
 
     out = Path(cfg.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out) as tmp:
         files, seconds = {}, {}
         for t in outtypes:
             files[t] = f"{cfg.model_name}-{t}.gguf"
@@ -536,11 +527,6 @@ def export(cfg: ExportConfig) -> ExportResult:
                   "parameters": parameters,
                   "checks": [asdict(c) for c in checks], "questions": len(prompts)}
         (tmp / "export.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     return ExportResult(out, out / "Modelfile", sizes, translation.family, translation.stop, parameters, checks,
                         n_cases, time.time() - started)

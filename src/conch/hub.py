@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from . import settings
 from .device import Device, pick_device, set_threads  # noqa: F401  (the notebooks' hub.pick_device)
 from .errors import ConchError
-from .paths import models_dir, repo_root, shown  # noqa: F401  (the notebooks' hub.repo_root, hub.shown)
+from .paths import models_dir, repo_root, shown, staged  # noqa: F401  (the notebooks' hub.repo_root, hub.shown)
 
 TARGET_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 DEMO = "demo"
@@ -210,15 +209,11 @@ def ensure_demo(target: Path | None = None) -> Path:
     # GGUF metadata loses generation_config's ids; keep the chat's end token as eos
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    del model
-    AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)  # verify the saved copy loads
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with staged(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)  # verify the saved copy loads
     print(f"demo model ready in {time.time() - started:.0f} s")
     return target
 

@@ -22,12 +22,12 @@ leaves no half-written model behind.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConchError
+from .paths import staged
 
 # the largest logit difference accepted between base+adapter (fp32) and the merged model, relative to
 # the largest logit (|Δ| / max|logit|). fp32: the merge check proper, exact up to rounding (the demo model,
@@ -204,9 +204,7 @@ def merge(cfg: MergeConfig) -> MergeResult:
         merged = merged.to(names[dtype_name])
         merged.config.dtype = names[dtype_name]  # config.json says what the weights are
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(tmp)  # includes the chat template
         del merged, model
@@ -218,11 +216,6 @@ def merge(cfg: MergeConfig) -> MergeResult:
             raise ConchError(f"the saved {dtype_name} model's logits differ from base+adapter by {saved_diff:.3g} "
                              f"({saved_rel:.2g} of the largest logit; at most {TOLERANCE[dtype_name]:g} expected for "
                              f"{dtype_name}); nothing was written to {out}. Save in fp32 (dtype=fp32) to compare.")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     return MergeResult(out, files, sum(files.values()), diff, rel, tolerance, dtype_name, time.time() - started,
                        saved_rel, top1)

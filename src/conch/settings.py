@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import read_yaml_mapping
 from .errors import ConchError
 from .paths import shown
 
@@ -83,17 +84,10 @@ class Settings:
 
 def read_file(path: Path | None = None) -> dict:
     """The settings file as a dict ({} when there is none), checked."""
-    import yaml
-
     path = Path(path or settings_path())
     if not path.exists():
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConchError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix it or delete the file.") from None
-    if not isinstance(data, dict):
-        raise ConchError(f"{path} must hold key: value pairs; fix it or delete the file.")
+    data = read_yaml_mapping(path, deletable=True)
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise ConchError(f"{path}: unknown setting '{unknown[0]}'; valid settings are: {', '.join(KEYS)}.")

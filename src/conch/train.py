@@ -32,12 +32,12 @@ import dataclasses
 import json
 import math
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConchError
+from .paths import staged
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -517,15 +517,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
 def save_adapter_atomically(trainer, output_dir: Path) -> None:
     """Write the adapter to a temporary folder, then move its files into output_dir."""
-    tmp = output_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
-    for item in tmp.iterdir():
-        target = output_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    tmp.rmdir()
+    with staged(output_dir, overlay=True) as tmp:
+        trainer.save_model(str(tmp))
 
 
 def config_yaml(values: dict) -> str:
