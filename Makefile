@@ -8,6 +8,11 @@ STAMP := $(VENV)/.conch-installed
 DEV_STAMP := $(VENV)/.conch-dev-installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+# AutoDL's data disk, where it exists: pip's cache goes there too (the venvs pull GBs; the system disk is small)
+AUTODL := $(wildcard $(or $(CONCH_DATA_DISK),/root/autodl-tmp))
+ifneq ($(AUTODL),)
+export PIP_CACHE_DIR ?= $(AUTODL)/.cache/pip
+endif
 
 .PHONY: run test check notebooks lab setup kernel system-deps browser examples vllm gguf-converter clean-models clean
 
@@ -64,7 +69,6 @@ notebooks: $(STAMP)
 # JupyterLab for a browser on another machine. On AutoDL (a data disk at /root/autodl-tmp) it
 # listens on 0.0.0.0:6006, the port AutoDL publishes as its "custom service" (自定义服务);
 # elsewhere on 127.0.0.1:8888 (reach it with an SSH tunnel). LAB_IP, LAB_PORT, LAB_TOKEN override.
-AUTODL := $(wildcard $(or $(CONCH_DATA_DISK),/root/autodl-tmp))
 LAB_IP ?= $(if $(AUTODL),0.0.0.0,127.0.0.1)
 LAB_PORT ?= $(if $(AUTODL),6006,8888)
 lab: $(STAMP)
@@ -83,7 +87,8 @@ lab: $(STAMP)
 kernel: $(STAMP)
 	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
 
-setup: $(STAMP)
+# the learner's environment, and llama.cpp's converter that notebook 06 uses (fetched now, not on first export)
+setup: $(STAMP) gguf-converter
 
 # llama.cpp's GGUF converter (python -m conch export), pinned: extracted from the llama-cpp-python
 # sdist on PyPI into .cache/ (git-ignored), nothing compiled; a no-op once it is there

@@ -60,7 +60,10 @@ def _fake_hub(tiny_r1, calls):
     """A stand-in for snapshot_download that lays files out the way the hub cache does."""
 
     def snapshot_download(repo_id, cache_dir=None, endpoint=None, allow_patterns=None, revision=None, **kw):
-        calls.append(dict(repo_id=repo_id, cache_dir=cache_dir, endpoint=endpoint, patterns=allow_patterns))
+        from huggingface_hub import constants
+
+        calls.append(dict(repo_id=repo_id, cache_dir=cache_dir, endpoint=endpoint, patterns=allow_patterns,
+                          xet_off=constants.HF_HUB_DISABLE_XET))
         org, name = repo_id.split("/")
         snap = Path(cache_dir) / f"models--{org}--{name}" / "snapshots" / "0123abc"
         if not snap.exists():
@@ -72,13 +75,15 @@ def _fake_hub(tiny_r1, calls):
 
 def test_hub_id_downloads_through_the_mirror(monkeypatch, tmp_path, tiny_r1):
     import huggingface_hub
+    from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_r1, calls))
     monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com")
     resolved = hub.resolve("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", cache_dir=str(tmp_path))
     assert resolved.path.name == "0123abc" and (resolved.path / "config.json").exists()
-    assert calls[0]["endpoint"] == "https://hf-mirror.com"
+    assert calls[0]["endpoint"] == "https://hf-mirror.com" and calls[0]["xet_off"]  # Xet would go around the mirror
     assert "*.safetensors" in calls[0]["patterns"]
     again = hub.resolve("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", cache_dir=str(tmp_path))
     assert again.path == resolved.path  # a second call reuses the same snapshot

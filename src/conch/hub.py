@@ -151,8 +151,10 @@ def download(repo_id: str, source: str = "huggingface", cache_dir: str | None = 
 
             folder = ms_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=weights)
         else:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import constants, snapshot_download
 
+            if endpoint and "huggingface.co" not in endpoint:  # a mirror: files stored on Hugging Face's Xet
+                constants.HF_HUB_DISABLE_XET = True  # servers would be fetched from there, around the mirror
             folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=weights,
                                        endpoint=endpoint)
     except ConchError:
