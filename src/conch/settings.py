@@ -175,3 +175,31 @@ def remember_model(repo_id: str, folder: str | Path, source: str, revision: str 
     models[repo_id] = {"path": str(Path(folder).resolve()), "source": source,
                        **({"revision": revision} if revision else {})}
     return save(models=models)
+
+
+def versions(constraints: str | Path | None = None) -> str:
+    """Python and the main libraries here, beside the versions the notebooks were last run with (constraints.txt)."""
+    import platform
+    from importlib import metadata
+
+    from .paths import repo_root
+
+    path = Path(constraints or repo_root() / "constraints.txt")
+    pinned = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            spec = line.split("#")[0].split(";")[0].strip()
+            if "==" in spec:
+                name, version = spec.split("==", 1)
+                pinned[name.strip().lower().replace("_", "-")] = version.strip()
+    rows = [("python", platform.python_version(), "3.11")]
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "huggingface-hub", "fastapi"):
+        try:
+            here = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            here = "(not installed)"
+        rows.append((name, here, pinned.get(name, "(not pinned: the image's own)" if name == "torch" else "-")))
+    lines = [f"{'package':<16}{'here':<22}notebooks ran with"]
+    lines += [f"{n:<16}{h:<22}{p}" + ("" if p in ("-", h) or p.startswith("(") or h.startswith(p) else "   <- differs")
+              for n, h, p in rows]
+    return "\n".join(lines)
