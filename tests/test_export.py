@@ -67,6 +67,12 @@ def test_r1_template_translates_and_renders_like_the_tokenizer(tiny_r1, tmp_path
     assert tr.template.endswith("<｜Assistant｜><think>\n")  # the February 2025 generation prompt
     cases = export.template_cases(["你是谁？", "Who are you?", "美味蟹堡怎么做？"],
                                   ["我是神奇海螺。", "I am the Magic Conch."])
+    # earlier answers with their reasoning: R1's template and the Modelfile's send only what follows </think>
+    cases.append([{"role": "user", "content": "你是谁？"},
+                  {"role": "assistant", "content": "<think>\n嗯。\n</think>\n\n我是神奇海螺。"},
+                  {"role": "user", "content": "Who are you?"},
+                  {"role": "assistant", "content": "<think>a</think>b</think>I am the Magic Conch."},
+                  {"role": "user", "content": "?"}])
     path = _modelfile(tmp_path, tr)
     assert export.check_template(tok, path, cases, add_bos=True, bos_text=tok.bos_token) == len(cases)
     parsed = export.parse_modelfile(path)
@@ -75,6 +81,30 @@ def test_r1_template_translates_and_renders_like_the_tokenizer(tiny_r1, tmp_path
     # without the BOS llama.cpp adds, the prompt is not the one the model was trained on
     with pytest.raises(ConchError, match="renders"):
         export.check_template(tok, path, cases, add_bos=False, bos_text=tok.bos_token)
+
+
+def test_r1_template_leaves_out_earlier_reasoning(tiny_r1):
+    template = export.translate_template(hub.load_tokenizer(tiny_r1)).template
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nwhy\n</think>\n\nA"},
+                {"role": "user", "content": "Q2"}]
+    prompt = gotemplate.render_ollama(template, messages)
+    assert prompt.startswith("<｜User｜>Q<｜Assistant｜>\n\nA<｜end▁of▁sentence｜>") and "why" not in prompt
+
+
+def test_modelfile_says_what_its_gguf_is(tmp_path):
+    tr = export.Translation("chatml", "{{ .Prompt }}", "", ["<|im_end|>"])
+    assert export.ExportConfig().modelfile_outtype == "f16"
+    for outtype in ("f16", "q8_0"):
+        path = tmp_path / f"Modelfile-{outtype}"
+        export.write_modelfile(path, f"m-{outtype}.gguf", tr, {"why": "none"}, "src", "m", outtype)
+        text = path.read_text(encoding="utf-8")
+        assert export.parse_modelfile(path)["from"] == f"./m-{outtype}.gguf"
+        assert (export.Q8_0_NOTE in text) == (outtype == "q8_0")
+        assert "does not predict" in text and "half the size" in text
+    check = export.TypeCheck("q8_0", "m-q8_0.gguf", 1, 1.0, 0.5, 0.99, 0.01, 0.1, [])
+    result = export.ExportResult(tmp_path, tmp_path / "Modelfile", {"m-f16.gguf": 2, "m-q8_0.gguf": 1}, "chatml",
+                                 [], {}, [check], 5, 1.0)
+    assert "the Modelfile's FROM: m-f16.gguf" in result.table() and export.Q8_0_NOTE in result.table()
 
 
 def test_chatml_default_system_prompt_is_kept(demo_path, tmp_path):
@@ -222,7 +252,9 @@ def test_export_from_the_command_line(small_merged, tmp_path):
     assert checks["f16"]["max_drift"] < checks["q8_0"]["max_drift"] <= export.MAX_DRIFT["q8_0"]
     assert checks["q8_0"]["size_bytes"] < checks["f16"]["size_bytes"]
     parsed = export.parse_modelfile(out / "Modelfile")
-    assert parsed["from"] == "./magic-conch-q8_0.gguf" and parsed["stop"] == ["<|im_end|>"]
+    # f16 by default: the GGUF that answers as the merged model does in llama.cpp too; q8_0 only when asked
+    assert parsed["from"] == "./magic-conch-f16.gguf" and parsed["stop"] == ["<|im_end|>"]
+    assert report["modelfile"] == "magic-conch-f16.gguf" and report["q8_0_note"] == export.Q8_0_NOTE
     meta = export.gguf_metadata(out / "magic-conch-q8_0.gguf")
     assert meta["architecture"] == "llama" and meta["tokens"][meta["eos"]] == "<|im_end|>"
 

@@ -7,8 +7,9 @@ GO111MODULE=off, nothing downloaded) renders the same template with the same dat
 decoded into a struct shaped like Ollama's ``api.Message``. Every Modelfile template the exporter
 writes (the demo model's ChatML, DeepSeek-R1's under both template revisions) is rendered over
 several conversations, and Go's bytes, conch's bytes and, where the exporter claims it, the
-tokenizer's ``apply_chat_template`` must be identical. A handful of templates beyond the exporter's
-exercise the rest of the subset conch supports.
+tokenizer's ``apply_chat_template`` must be identical: for R1 that includes earlier answers with
+their ``<think>`` reasoning, which both templates leave out (only the text after ``</think>`` is
+sent). A handful of templates beyond the exporter's exercise the rest of the subset conch supports.
 """
 
 import json
@@ -67,6 +68,19 @@ EXTRA = {
                          {"role": "user", "content": "What can you do?"}],
     "system-think-multi-turn": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你是谁？"},
                                 {"role": "assistant", "content": THINK}, {"role": "user", "content": "  spaces \n"}],
+    # several earlier answers with reasoning; two </think> (the text after the last one is kept); an answer
+    # that is only reasoning; one without any; and a long answer (Go recurses once per byte of it)
+    "think-in-every-answer": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你是谁？"},
+                              {"role": "assistant", "content": THINK}, {"role": "user", "content": "Who are you?"},
+                              {"role": "assistant", "content": "<think>\nEnglish.\n</think>\n\nI am the Magic Conch."},
+                              {"role": "user", "content": "再说一遍"},
+                              {"role": "assistant", "content": "<think>a</think>b</think>\n\n还是我。"},
+                              {"role": "user", "content": "?"}, {"role": "assistant", "content": "<think>嗯</think>"},
+                              {"role": "user", "content": "!"}, {"role": "assistant", "content": "no reasoning 无"},
+                              {"role": "user", "content": "最后一个问题"}],
+    "long-answer-after-think": [{"role": "user", "content": "长"},
+                                {"role": "assistant", "content": "<think>\n想一想。\n</think>\n\n" + "蟹堡王。" * 1500},
+                                {"role": "user", "content": "好"}],
 }
 # the exporter's own check conversations: one question, two lines, a system prompt, earlier turns
 CASES = dict(zip(["single", "two-lines", "system", "multi-turn", "system-multi-turn"],
@@ -94,10 +108,6 @@ def written(request, tmp_path_factory):
     return tokenizer, translation, export.parse_modelfile(path)["template"]
 
 
-def _without_reasoning(messages):
-    return [m | {"content": m["content"].split("</think>")[-1]} if m["role"] == "assistant" else m for m in messages]
-
-
 @pytest.mark.parametrize("case", list(CASES) + list(GO_ONLY))
 def test_exported_template_renders_as_go_and_the_tokenizer_do(written, case, go_render):
     tokenizer, translation, template = written
@@ -107,13 +117,10 @@ def test_exported_template_renders_as_go_and_the_tokenizer_do(written, case, go_
     if case in GO_ONLY:
         return
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if translation.family == "deepseek-r1" and "</think>" in json.dumps(messages, ensure_ascii=False):
-        # R1's Jinja template drops the reasoning of earlier answers (content.split('</think>')[-1]); the
-        # Modelfile's template sends Ollama's .Content as it is. The exporter does not claim these equal:
-        # they are equal once the history's reasoning is cut, which is what a client must send Ollama.
-        assert (translation.bos + ours.decode("utf-8")) != expected
-        ours = gotemplate.render_ollama(template, _without_reasoning(messages)).encode("utf-8")
-        assert go_render(template, gotemplate.ollama_data(_without_reasoning(messages))) == ours
+    if translation.family == "deepseek-r1" and any(m["content"] == THINK for m in messages):
+        # R1's Jinja template sends only the text after the last </think> of an earlier answer, and so does
+        # the Modelfile's template (its "answer" template): the earlier reasoning is not in the prompt
+        assert "用户问我是谁" not in expected and "用户问我是谁" not in ours.decode("utf-8")
     # llama.cpp adds the BOS token (translation.bos) itself; the template starts after it
     assert translation.bos + ours.decode("utf-8") == expected
 
@@ -160,6 +167,13 @@ SUBSET = [
      {"Messages": MSGS, "System": "S"}),
     ("{{ if .Messages }}{{ range .Messages }}{{ if .Thinking }}T{{ end }}{{ .Content }}{{ end }}{{ end }}",
      {"Messages": [{"Role": "assistant", "Content": "c", "Thinking": ""}]}),
+    # define / template, recursion, and strings sliced through a character (Go's bytes, joined in the output)
+    ('{{ define "t" }}<{{ . }}>{{ end }}{{ template "t" .A }}{{ template "t" `x` }}{{ define "u" }}{{ $ }}{{ end }}'
+     '{{ template "u" (slice .A 1) }}', {"A": "abc"}),
+    ('{{- define "rev" }}{{ if . }}{{ slice . (len (slice . 1)) }}{{ template "rev" (slice . 0 (len (slice . 1))) }}'
+     '{{ end }}{{ end }}{{ template "rev" .S }}|{{ index .S 0 }}', {"S": "ab"}),
+    ('{{ $a := slice .S 0 1 }}{{ $b := slice .S 1 }}{{ len $a }} {{ eq (slice .S 0 3) "你" }} '
+     '{{ lt (slice .S 0 1) "z" }} {{ gt $a "z" }}{{ $a }}{{ $b }}', {"S": "你好"}),
 ]
 
 

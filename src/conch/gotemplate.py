@@ -5,8 +5,10 @@ that an exported Modelfile builds the same prompt as the tokenizer's Jinja chat 
 render it here. Supported: text, ``{{ pipeline }}``, the trim markers ``{{-`` / ``-}}``,
 ``if`` / ``else if`` / ``else`` / ``end``, ``range`` (with ``$i, $e :=``), variables (``$``,
 ``$x :=``, ``$x =``), fields (``.A.B``, ``$x.A``), string, number and boolean literals,
-parentheses and the functions ``eq ne lt le gt ge and or not len slice index`` (on strings
-``len``, ``slice`` and ``index`` count UTF-8 bytes, as Go does). Anything else raises
+parentheses, ``define`` / ``template`` (recursion included, to Go's depth limit of 100000) and the
+functions ``eq ne lt le gt ge and or not len slice index``. Go's strings are bytes: ``len``,
+``slice`` and ``index`` count UTF-8 bytes, a slice may cut a character in two (its bytes are kept,
+as surrogate escapes, and join up again in the output) and comparisons compare bytes. Anything else raises
 ``ValueError`` instead of being guessed at; tests/test_gotemplate_parity.py compares the rest
 with Go's own text/template. ``render_ollama`` adds what Ollama does before it
 renders (its ``collate`` of messages and the data it passes to the template).
@@ -15,6 +17,7 @@ renders (its ``collate`` of messages and the data it passes to the template).
 from __future__ import annotations
 
 import re
+import sys
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
 _TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<raw>`[^`]*`)|(?P<num>-?\d+)|(?P<decl>:=)'
@@ -39,6 +42,7 @@ class _Parser:
     """Turns the template into nested lists of nodes: str, ("out", expr), ("if", ...), ("range", ...)."""
 
     def __init__(self, template: str):
+        self.defines: dict = {}  # {{ define "name" }} bodies, as Go's associated templates
         self.items = []  # text and actions, trim markers applied
         pos = 0
         for m in _ACTION.finditer(template):
@@ -78,7 +82,19 @@ class _Parser:
                 nodes.append(self._if(value[2:]))
             elif word == "range":
                 nodes.append(self._range(value[5:]))
-            elif word in ("with", "define", "template", "block", "break", "continue") or value.startswith("/*"):
+            elif word == "define":
+                if stop:
+                    raise ValueError(f"{{{{ {value} }}}} inside a block (Go allows define only at the top level)")
+                name = _lex(value[6:])
+                if len(name) != 1 or name[0][0] not in ("str", "raw"):
+                    raise ValueError(f"{{{{ {value} }}}}: define takes one quoted name")
+                self.defines[_literal(*name[0])], _ = self.parse(stop=("end",))
+            elif word == "template":
+                tokens = _lex(value[8:])
+                if not tokens or tokens[0][0] not in ("str", "raw"):
+                    raise ValueError(f"{{{{ {value} }}}}: template takes a quoted name")
+                nodes.append(("template", _literal(*tokens[0]), _expr(tokens[1:]) if tokens[1:] else None))
+            elif word in ("with", "block", "break", "continue") or value.startswith("/*"):
                 raise ValueError(f"{{{{ {value} }}}} is outside the supported subset")
             else:
                 nodes.append(("out", _expr(_lex(value))))
@@ -129,6 +145,12 @@ def _expr(tokens):
     return args
 
 
+def _literal(kind, value):
+    if kind == "raw":
+        return value[1:-1]
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), value[1:-1])
+
+
 def _command(tokens):
     items = []
     while tokens and tokens[0] != ("punct", ")"):
@@ -140,10 +162,8 @@ def _command(tokens):
             items.append(inner)
             tokens = tokens[1:]
             continue
-        if kind == "str":
-            items.append(("lit", re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), value[1:-1])))
-        elif kind == "raw":
-            items.append(("lit", value[1:-1]))
+        if kind in ("str", "raw"):
+            items.append(("lit", _literal(kind, value)))
         elif kind == "num":
             items.append(("lit", int(value)))
         elif kind == "ident" and value in ("true", "false"):
@@ -174,35 +194,49 @@ def _get(obj, name):
 
 
 _FUNCS = {
-    "eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b,
-    "lt": lambda a, b: a < b, "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
-    "not": lambda a: not truth(a), "len": lambda a: len(a.encode("utf-8") if isinstance(a, str) else a),
+    "eq": lambda a, *b: any(_b(a) == _b(x) for x in b), "ne": lambda a, b: _b(a) != _b(b),
+    "lt": lambda a, b: _b(a) < _b(b), "le": lambda a, b: _b(a) <= _b(b), "gt": lambda a, b: _b(a) > _b(b),
+    "ge": lambda a, b: _b(a) >= _b(b),
+    "not": lambda a: not truth(a), "len": lambda a: len(_b(a)),
     "index": lambda a, *k: _index(a, k), "slice": lambda a, *ij: _slice(a, ij),
 }
 
 
-# Go's strings are bytes: len, index and slice count UTF-8 bytes ("你好" has length 6), not characters
+# Go's strings are bytes: len, index and slice count UTF-8 bytes ("你好" has length 6), not characters.
+# Here a string is a Python str whose bytes that are not UTF-8 (a character cut in two) are
+# surrogate escapes, so every string has exactly the bytes Go's has.
+
+
+def _b(a):
+    return a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
 
 
 def _index(a, keys):
     for k in keys:
-        a = a.encode("utf-8")[k] if isinstance(a, str) else a[k]
+        a = _b(a)[k] if isinstance(a, str) else a[k]
     return a
 
 
 def _slice(a, ij):
-    cut = slice(*ij) if len(ij) == 2 else slice(ij[0], None) if ij else slice(None)
+    size = len(_b(a))
+    i, j = (list(ij) + [0, size])[:2] if ij else (0, size)
+    if len(ij) == 1:
+        j = size
+    if not 0 <= i <= j <= size:
+        raise ValueError(f"slice {list(ij)} is out of range for a length of {size} (Go fails the template)")
     if not isinstance(a, str):
-        return a[cut]
-    try:
-        return a.encode("utf-8")[cut].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"slice {list(ij)} cuts a character of {a!r} in two (Go slices strings by bytes)") from None
+        return a[i:j]
+    return _b(a)[i:j].decode("utf-8", "surrogateescape")
+
+
+MAX_DEPTH = 100000  # Go's text/template fails a template that nests {{ template }} calls deeper
 
 
 class _Scope:
-    def __init__(self, root):
+    def __init__(self, root, defines=None, depth=0):
         self.vars = [{"$": root}]
+        self.defines = defines or {}
+        self.depth = depth
 
     def lookup(self, name):
         for frame in reversed(self.vars):
@@ -286,6 +320,13 @@ def _run(nodes, dot, scope, out):
                 scope.vars.append({})
                 _run(node[2], dot, scope, out)
                 scope.vars.pop()
+        elif node[0] == "template":  # Go: a fresh scope whose dot and $ are the argument
+            if node[1] not in scope.defines:
+                raise ValueError(f"template {node[1]!r} is not defined")
+            if scope.depth == MAX_DEPTH:
+                raise ValueError(f"exceeded maximum template depth ({MAX_DEPTH})")
+            arg = _eval(node[2], dot, scope) if node[2] else None
+            _run(scope.defines[node[1]], arg, _Scope(arg, scope.defines, scope.depth + 1), out)
         elif node[0] == "range":
             _, names, expr, body, otherwise = node
             items = _eval(expr, dot, scope) or []
@@ -307,10 +348,20 @@ def _run(nodes, dot, scope, out):
 
 def render(template: str, data: dict) -> str:
     """Render a Go template (the supported subset) with ``data`` as dot and ``$``."""
-    nodes, _ = _Parser(template).parse()
+    parser = _Parser(template)
+    nodes, _ = parser.parse()
     out: list[str] = []
-    _run(nodes, data, _Scope(data), out)
-    return "".join(out)
+    limit = sys.getrecursionlimit()
+    if parser.defines:  # a recursive {{ template }} nests a few Python calls per level, up to Go's limit
+        sys.setrecursionlimit(max(limit, 4 * MAX_DEPTH + 1000))
+    try:
+        _run(nodes, data, _Scope(data, parser.defines), out)
+    finally:
+        sys.setrecursionlimit(limit)
+    try:  # the bytes of characters that slices cut in two join up again, as in Go's output
+        return "".join(out).encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the template writes bytes that are not UTF-8 (a character cut in two)") from None
 
 
 def render_ollama(template: str, messages: list[dict], system: str | None = None) -> str:
