@@ -94,3 +94,19 @@ def test_real_readings_are_sane():
     total, idle, own = dev.cpu_times()
     assert total >= idle >= 0 and own >= 0
     assert 0.0 <= dev.busy_cores(os.cpu_count() or 1, windows=1, seconds=0.05) <= (os.cpu_count() or 1)
+
+
+def test_threads_follow_the_free_cores_during_a_run(monkeypatch):
+    monkeypatch.delenv("CONCH_THREADS", raising=False)
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(dev.time, "sleep", lambda s: None)
+    quiet = (0.0, 1.0)  # (others, this process) in a window
+    assert dev.follow_free_cores(1, sample=_times(quiet, quiet, quiet, quiet)) == 2  # the other job finished
+    blip = _times(quiet, (1.0, 1.0), quiet, quiet)  # busy in one window: not free on end, stay
+    assert dev.follow_free_cores(1, sample=blip) == 1
+    steady = _times(*[(1.0, 1.0)] * 4)  # another job took a core back in every window: give it back
+    assert dev.follow_free_cores(2, sample=steady) == 1
+    assert dev.follow_free_cores(2, sample=_times((1.0, 1.0), quiet, quiet, quiet)) == 2  # a burst: keep both
+    monkeypatch.setenv("CONCH_THREADS", "1")
+    assert dev.follow_free_cores(1, sample=_times(quiet, quiet, quiet, quiet)) == 1  # fixed by the user

@@ -107,20 +107,43 @@ def cpu_times() -> tuple[float, float, float]:
     return total, machine.idle + getattr(machine, "iowait", 0.0), own.user + own.system
 
 
-def busy_cores(cores: int, windows: int = 3, seconds: float = 0.1, sample=cpu_times) -> float:
-    """How many cores other processes are using: the least over ``windows`` windows of ``seconds``
-    each (0 where the counters cannot be read)."""
-    machine_cores = os.cpu_count() or cores
+def other_loads(windows: int = 3, seconds: float = 0.1, sample=cpu_times) -> list[float]:
+    """The cores other processes used in each of ``windows`` windows of ``seconds`` ([] where the counters
+    cannot be read)."""
+    machine_cores = os.cpu_count() or 1
     try:
         readings = [sample()]
         for _ in range(windows):
             time.sleep(seconds)
             readings.append(sample())
     except (OSError, ValueError, IndexError, psutil.Error):
-        return 0.0
+        return []
     loads = []
     for (total0, idle0, own0), (total1, idle1, own1) in zip(readings, readings[1:]):
         elapsed = max(total1 - total0, 1e-9)
-        others = (elapsed - (idle1 - idle0) - (own1 - own0)) / elapsed * machine_cores
-        loads.append(max(0.0, others))
-    return min(min(loads), cores)
+        loads.append(max(0.0, (elapsed - (idle1 - idle0) - (own1 - own0)) / elapsed * machine_cores))
+    return loads
+
+
+def busy_cores(cores: int, windows: int = 3, seconds: float = 0.1, sample=cpu_times) -> float:
+    """How many cores other processes are using: the least over ``windows`` windows of ``seconds``
+    each (0 where the counters cannot be read)."""
+    loads = other_loads(windows, seconds, sample)
+    return min(min(loads), cores) if loads else 0.0
+
+
+def follow_free_cores(threads: int, sample=cpu_times) -> int:
+    """During a long CPU run: the threads to use now. More once the other processes have left cores free for two
+    seconds on end (a test run or another notebook finished), fewer as soon as they take cores back even at their
+    quietest (oversubscribed threads run about 10x slower); ``CONCH_THREADS`` fixes the number."""
+    if os.environ.get("CONCH_THREADS"):
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    loads = other_loads(windows=4, seconds=0.5, sample=sample)
+    if not loads:
+        return threads
+    if cores - min(loads) < threads - 0.5:  # others need some of our cores in every window
+        return max(1, round(cores - min(loads)))
+    if cores - max(loads) >= threads + 1:  # free in every window
+        return min(cores, int(cores - max(loads)))
+    return threads

@@ -169,7 +169,7 @@ def progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, .
         """Writes trainer_log.jsonl and shows progress: a live plot in Jupyter, lines otherwise."""
 
         def __init__(self):
-            self.started = time.time()
+            self.started = self.threads_checked = time.time()
             self.history: list[dict] = []
             self.handle = self.fig = None
             self.last_logs: dict = {}
@@ -182,6 +182,22 @@ def progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, .
                 # on resume keep the entries up to the checkpoint, drop the ones after it
                 self.history = [h for h in read_log(output_dir) if h["current_steps"] <= state.global_step]
                 log.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+        def on_step_end(self, args, state, control, **kw):
+            # on a CPU, every half minute: the threads follow the free cores (another job may have finished)
+            if args.device.type != "cpu" or time.time() - self.threads_checked < 30:
+                return
+            import torch
+
+            from .device import follow_free_cores
+
+            self.threads_checked, now = time.time(), torch.get_num_threads()
+            threads = follow_free_cores(now)
+            if threads != now:
+                torch.set_num_threads(threads)
+                if state.is_world_process_zero:
+                    print(f"step {state.global_step}: {threads} CPU threads now (were {now}: the free cores changed)",
+                          flush=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
             self.last_logs = dict(logs or {})
