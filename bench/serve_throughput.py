@@ -192,10 +192,10 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
         cmd = [args.vllm_python, "-m", "conch", "serve", "--engine", "vllm", "--model", str(folder),
                "--host", "127.0.0.1", "--port", str(port), "--max_tokens_limit", str(max(2048, args.max_tokens)),
                *shlex.split(args.conch_args)]
-    elif server == "vllm":  # vLLM alone, set up as conch sets it up (see conch.engine_vllm)
+    elif server == "vllm":  # vLLM alone, set up as conch sets it up (see conch.serving.engine_vllm)
         import torch
 
-        from conch.engine_vllm import max_model_len
+        from conch.serving.engine_vllm import max_model_len
 
         cpu = not torch.cuda.is_available()
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
@@ -236,8 +236,8 @@ def profile_engine(folder: Path, sizes: list[int]) -> list[dict]:
     import torch
 
     from conch import chat
-    from conch.engine import Engine, Request
-    from conch.sampling import SamplingParams
+    from conch.serving.engine import Engine, Request
+    from conch.serving.sampling import SamplingParams
 
     model, tokenizer = chat.load(folder)
     cuda = model.device.type == "cuda"

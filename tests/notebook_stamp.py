@@ -56,37 +56,46 @@ def _python_only(code: str) -> str:
 
 
 def _module_file(name: str) -> Path | None:
-    """src/conch/<name>.py for 'conch.<name>' (or __init__.py for 'conch'), else None."""
+    """src/conch/<a>/<b>.py for 'conch.<a>.<b>', or a package's __init__.py ('conch', 'conch.serving'), else None."""
     parts = name.split(".")
     if parts[0] != "conch":
         return None
-    if len(parts) == 1:
-        return PACKAGE / "__init__.py"
-    path = PACKAGE.joinpath(*parts[1:]).with_suffix(".py")
-    return path if path.exists() else None
+    path = PACKAGE.joinpath(*parts[1:])
+    if len(parts) > 1 and path.with_suffix(".py").exists():
+        return path.with_suffix(".py")
+    return path / "__init__.py" if (path / "__init__.py").exists() else None
 
 
-def _imports(tree: ast.AST, package_relative: bool) -> set[str]:
-    """Every conch module a syntax tree imports (inside functions too)."""
+def _package_of(name: str) -> str:
+    """The package a module's relative imports start from: itself for a package, else its parent."""
+    return name if _module_file(name).name == "__init__.py" else name.rsplit(".", 1)[0]
+
+
+def _imports(tree: ast.AST, package: str | None) -> set[str]:
+    """Every conch module a syntax tree imports (inside functions too); ``package``: where relative imports start
+    (None for a notebook's code). Importing conch.serving.engine runs conch/serving/__init__.py too: parent
+    subpackages count (the root's __init__ only where imported by name, as before)."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "conch")
         elif isinstance(node, ast.ImportFrom):
-            if node.level and package_relative:
-                base = "conch" + (f".{node.module}" if node.module else "")
+            if node.level and package:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - (node.level - 1)]) + (f".{node.module}" if node.module else "")
             elif node.module and node.module.split(".")[0] == "conch":
                 base = node.module
             else:
                 continue
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # from conch import train
+    found |= {m.rsplit(".", k)[0] for m in found for k in range(1, m.count("."))}  # conch.serving for conch.serving.x
     return {m for m in found if _module_file(m) is not None}
 
 
 def conch_modules(code: str) -> list[Path]:
     """The conch source files a notebook's code runs, following the package's own imports."""
-    todo = _imports(ast.parse(_python_only(code)), package_relative=False)
+    todo = _imports(ast.parse(_python_only(code)), package=None)
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -94,7 +103,7 @@ def conch_modules(code: str) -> list[Path]:
             continue
         seen.add(name)
         path = _module_file(name)
-        todo |= _imports(ast.parse(path.read_text(encoding="utf-8")), package_relative=True) - seen
+        todo |= _imports(ast.parse(path.read_text(encoding="utf-8")), package=_package_of(name)) - seen
     return sorted({_module_file(m) for m in seen})
 
 

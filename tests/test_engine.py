@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conch import hub
-from conch.engine import Engine, Outcome, Request
-from conch.protocol import ChatRequest
+from conch.serving.engine import Engine, Outcome, Request
+from conch.serving.protocol import ChatRequest
 from conch.reasoning import ReasoningStream, cut_at_stop, held_back, split_reasoning
-from conch.sampling import Detokenizer, SamplingParams, apply_penalties
+from conch.serving.sampling import Detokenizer, SamplingParams, apply_penalties
 from conch.serve import ServeConfig
-from conch.service import ChatService, outcome_error
+from conch.serving.service import ChatService, outcome_error
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +315,7 @@ def test_complete_characters_before_a_cut_partial_character_are_kept(tiny, drive
     max_tokens=1 cuts there. The whole character must reach the text; only the half one is dropped."""
     _, tok = tiny
     token = next(i for i in range(len(tok)) if (s := tok.decode([i])).endswith("\ufffd") and s.rstrip("\ufffd"))
-    monkeypatch.setattr("conch.engine.sample", lambda logits, params, generators: torch.tensor([token]))
+    monkeypatch.setattr("conch.serving.engine.sample", lambda logits, params, generators: torch.tensor([token]))
     request = Request(prompt(tiny), greedy(1))
     drive(driven, [request])
     assert request.tokens == [token] and request.outcome.finish_reason == "length"

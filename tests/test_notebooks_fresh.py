@@ -27,6 +27,14 @@ def test_the_stamp_follows_conch_imports():
     assert "serve.py" not in files
 
 
+def test_the_stamp_follows_imports_into_the_serving_subpackage():
+    files = {p.relative_to(stamp.ROOT).as_posix() for p in stamp.conch_modules("from conch.serve import create_app")}
+    # serve -> .serving.service -> .engine (relative, inside the subpackage) -> ..reasoning (back up)
+    assert {"src/conch/serving/__init__.py", "src/conch/serving/service.py", "src/conch/serving/engine.py",
+            "src/conch/serving/sampling.py", "src/conch/reasoning.py", "src/conch/chat.py"} <= files
+    assert not any(f.startswith("src/conch/serving/") and not (stamp.ROOT / f).exists() for f in files)
+
+
 def test_a_changed_cell_or_module_makes_a_notebook_stale(tmp_path, monkeypatch):
     nb = {"cells": [{"cell_type": "code", "source": "from conch import lowrank\nx = 1"}], "metadata": {}}
     nb["metadata"]["conch"] = {"stamp": stamp.fingerprint(nb)}

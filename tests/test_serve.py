@@ -392,7 +392,7 @@ def test_client_never_resends_after_a_read_timeout_and_reads_http_date_retry_aft
 
 
 def test_background_server_closes_its_log_and_registers_one_exit_hook(tmp_path, monkeypatch):
-    from conch import launch
+    from conch.serving import launch
     from conch.errors import ConchError
     from conch.serve import BackgroundServer
 
@@ -485,7 +485,7 @@ def test_open_host_check_from_the_command_line(monkeypatch, capsys):
 
 
 def test_the_tunnel_command_names_the_port():
-    from conch.launch import tunnel_command
+    from conch.serving.launch import tunnel_command
 
     line = tunnel_command(6006)
     assert "ssh -CN -L 6006:127.0.0.1:6006" in line and "http://127.0.0.1:6006/docs" in line

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conch.errors import ConchError
-from conch.launch import BackgroundServer, wait_until_healthy
+from conch.serving.launch import BackgroundServer, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -46,7 +46,7 @@ def test_engine_setting_is_checked_in_one_sentence():
 
 
 def test_max_model_len_stays_within_the_models_positions(tmp_path):
-    from conch.engine_vllm import MAX_MODEL_LEN, max_model_len
+    from conch.serving.engine_vllm import MAX_MODEL_LEN, max_model_len
 
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
     assert max_model_len(tmp_path) == 8192  # the demo model: vLLM refuses a longer context
@@ -311,7 +311,7 @@ def test_r1_reasoning_split_and_timeout_on_vllm(tiny_r1):
         assert httpx.get(url + "/health").json()["running"] == 0
 
 # ---------------------------------------------------------------------------------------------
-# conch.engine_vllm without vLLM: its generations against a stand-in for vLLM's AsyncLLM
+# conch.serving.engine_vllm without vLLM: its generations against a stand-in for vLLM's AsyncLLM
 
 
 class FakeLLM:
@@ -337,7 +337,7 @@ class FakeLLM:
 
 
 def fake_engine(llm, max_batch_size=1, max_queue=1):
-    from conch.engine_vllm import VLLMEngine
+    from conch.serving.engine_vllm import VLLMEngine
 
     engine = object.__new__(VLLMEngine)
     engine.llm, engine.max_batch_size, engine.max_queue = llm, max_batch_size, max_queue
@@ -348,8 +348,8 @@ def fake_engine(llm, max_batch_size=1, max_queue=1):
 
 
 def test_vllm_generation_events_outcome_and_queue_limit():
-    from conch.engine import QueueFull
-    from conch.sampling import SamplingParams
+    from conch.serving.engine import QueueFull
+    from conch.serving.sampling import SamplingParams
 
     async def main():
         engine = fake_engine(FakeLLM())
@@ -372,7 +372,7 @@ def test_vllm_generation_events_outcome_and_queue_limit():
 
 
 def test_vllm_generation_cancel_and_timeout_abort_the_request():
-    from conch.sampling import SamplingParams
+    from conch.serving.sampling import SamplingParams
 
     async def main():
         llm = FakeLLM(pause=0.2)

@@ -5,7 +5,7 @@
 - ``GET /generate?prompt=…`` → ``{"generated_text": …}``: the seeds' shape, so their Java
   ``RestTemplate`` caller works unchanged, but with the chat template, only the answer, and the
   reasoning split off into ``reasoning``;
-- ``POST /v1/chat/completions``: OpenAI-compatible (`conch.protocol` lists what is supported and
+- ``POST /v1/chat/completions``: OpenAI-compatible (`conch.serving.protocol` lists what is supported and
   what is refused), R1's reasoning in ``reasoning_content`` and ``reasoning`` beside ``content``;
 - ``GET /v1/models``, ``GET /health`` (model, device, queue depth), ``GET /metrics``
   (Prometheus), ``/docs``;
@@ -17,13 +17,11 @@ conversation (the last three user messages, the latest counted twice, so that a 
 question; the answer carries a top-level
 ``sources`` list (in the first chunk when streamed). ``"rag": false`` switches it off per request.
 
-The layers, as in vLLM's server: `conch.protocol` (what goes over the wire), `conch.service`
-(prepare, submit, complete, stream), `conch.engine` (continuous batching), the routes below
-(HTTP in, service calls, HTTP out) and `conch.launch` (a server in a child process).
+The layers, as in vLLM's server: `conch.serving.protocol` (what goes over the wire), `conch.serving.service`
+(prepare, submit, complete, stream), `conch.serving.engine` (continuous batching), the routes
+(`conch.serving.routes`: HTTP in, service calls, HTTP out) and `conch.serving.launch` (a server in a child process).
 """
 
-# no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
-import hmac
 import os
 import signal
 import sys
@@ -33,11 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConchError
-from .launch import BackgroundServer, tunnel_command, wait_until_healthy  # noqa: F401 - public here too
-from .protocol import APIError, ChatRequest
+from .serving.launch import BackgroundServer, tunnel_command, wait_until_healthy  # noqa: F401 - public here too
+from .serving.protocol import APIError
 from .reasoning import ThinkSplitter  # noqa: F401 - public here too
-
-STATIC = Path(__file__).parent / "static"
 
 
 @dataclass
@@ -61,54 +57,54 @@ class ServeConfig:
     system_prompt: str | None = None  # added when a request has no system message
     rag_dir: str | None = None  # a knowledge folder (e.g. data/knowledge): retrieve before answering
     rag_top_k: int = 3  # passages retrieved per question in RAG mode
-    engine: str = "builtin"  # builtin (the teaching engine) | vllm (conch.engine_vllm; in .venv-vllm, `make vllm`)
+    engine: str = "builtin"  # builtin (the teaching engine) | vllm (conch.serving.engine_vllm, in .venv-vllm)
 
 
 def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
     """The FastAPI app; loads the model at startup unless ``model`` and ``tokenizer`` are given.
 
     ``knowledge``: a ready `conch.rag.KnowledgeBase`; by default one is built from ``cfg.rag_dir``.
+    The app only assembles: the routes are `conch.serving.routes.router`, which read what the startup
+    puts in ``app.state`` (``service``, the `ChatService`; ``api_key``).
     """
-    from fastapi import Depends, FastAPI, Query, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from . import chat
-    from .protocol import DESCRIPTION, Message, error_body, validation_message
-    from .service import ChatService
-
-    api_key = cfg.api_key or os.environ.get("CONCH_API_KEY") or None
-    holder: dict = {}
+    from .serving.protocol import DESCRIPTION, error_body, validation_message
+    from .serving.routes import document_stream, router
+    from .serving.service import ChatService
 
     @asynccontextmanager
     async def lifespan(app):
         kb = knowledge if knowledge is not None else open_knowledge(cfg)
         if cfg.engine == "vllm" and model is None:  # vLLM loads the weights itself: only the tokenizer here
-            from .engine_vllm import start
+            from .serving.engine_vllm import start
 
             tok, engine = start(cfg)
-            holder["service"] = ChatService(cfg, None, tok, kb, engine=engine)
+            app.state.service = ChatService(cfg, None, tok, kb, engine=engine)
         else:
             m, t = (model, tokenizer) if model is not None else chat.load(cfg.model, cfg.adapter)
-            holder["service"] = ChatService(cfg, m, t, kb)
+            app.state.service = ChatService(cfg, m, t, kb)
         yield
-        holder["service"].engine.shutdown()
-
-    def service() -> ChatService:
-        return holder["service"]
+        app.state.service.engine.shutdown()
 
     app = FastAPI(title="Magic Conch API", version="1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.stop_engine = lambda: holder["service"].engine.shutdown() if "service" in holder else None
+    app.state.api_key = cfg.api_key or os.environ.get("CONCH_API_KEY") or None
+    app.state.stop_engine = lambda: (app.state.service.engine.shutdown()
+                                     if getattr(app.state, "service", None) is not None else None)
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Retry-After"])  # a page backs off as the server asks
 
     def error(status, message, kind="invalid_request_error", headers=None):
-        if "service" in holder and status != 503:  # 503s are counted where they happen
-            service().metrics.rejected.labels(str(status)).inc()
+        service = getattr(app.state, "service", None)
+        if service is not None and status != 503:  # 503s are counted where they happen
+            service.metrics.rejected.labels(str(status)).inc()
         return JSONResponse(error_body(status, message, kind), status, headers=headers)
 
     @app.exception_handler(APIError)
@@ -127,55 +123,8 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
     async def on_crash(request, exc):
         return error(500, "internal server error; the server log has the details.", "server_error")
 
-    async def check_key(request: Request):
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'.",
-                           "authentication_error", {"WWW-Authenticate": "Bearer"})
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/health")
-    async def health():
-        """Liveness and load: the model, the device, requests waiting and running (and the knowledge folder)."""
-        return service().health()
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics():
-        return Response(service().metrics.render(), media_type=service().metrics.content_type)
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def models():
-        return {"object": "list", "data": [{"id": cfg.served_model_name, "object": "model",
-                                            "created": int(service().started), "owned_by": "krusty-krab"}]}
-
-    @app.get("/generate", dependencies=[Depends(check_key)])
-    async def generate(http: Request, prompt: str = Query(min_length=1, description="the user's question"),
-                       max_new_tokens: int | None = Query(None, ge=1),
-                       temperature: float | None = Query(None, ge=0, le=2),
-                       rag: bool | None = Query(None, description="retrieve first (default: on with --rag_dir)")):
-        """The seeds' endpoint, done right: chat template, only the answer, reasoning split off."""
-        body = ChatRequest(messages=[Message(role="user", content=prompt)], max_tokens=max_new_tokens,
-                           temperature=temperature, rag=rag)
-        prepared = service().submit(await service().prepare([{"role": "user", "content": prompt}], body))
-        choice = (await service().complete(prepared, http.is_disconnected))[0]
-        reply = {"generated_text": choice["answer"], "reasoning": choice["reasoning"],
-                 "finish_reason": choice["finish_reason"], "usage": service().reply([choice], None)["usage"]}
-        return reply if prepared.sources is None else {**reply, "sources": prepared.sources}
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(body: ChatRequest, http: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prepared = service().submit(await service().prepare(messages, body))
-        if body.stream:
-            return StreamingResponse(service().stream(prepared, body), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return service().reply(await service().complete(prepared, http.is_disconnected), prepared.sources)
-
+    app.include_router(router)
+    document_stream(app)
     return app
 
 
@@ -231,7 +180,7 @@ def check_engine(cfg: ServeConfig) -> None:
         raise ConchError(f"engine '{cfg.engine}' is unknown; use --engine builtin (the teaching engine) "
                          "or --engine vllm (vLLM, installed by `make vllm`).")
     if cfg.engine == "vllm":
-        from .engine_vllm import require_vllm
+        from .serving.engine_vllm import require_vllm
 
         require_vllm()
         if cfg.adapter:

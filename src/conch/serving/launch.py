@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ConchError
+from ..errors import ConchError
 
 
 def wait_until_healthy(url: str, process, timeout_s: float) -> str:

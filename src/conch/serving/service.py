@@ -8,7 +8,7 @@
 - `complete`: the whole answer, cancelled as soon as the client disconnects;
 - `stream`: server-sent events, reasoning and content apart, ending in ``[DONE]``.
 
-How a generation ended is an `conch.engine.Outcome`, never a string to search: timeout is 504,
+How a generation ended is an `conch.serving.engine.Outcome`, never a string to search: timeout is 504,
 an engine error 500, the server shutting down 503, a client that left 499.
 """
 
@@ -22,12 +22,12 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
-from . import chat
+from .. import chat
 from .engine import Engine, Generation, QueueFull, TextEngine
-from .errors import ConchError
+from ..errors import ConchError
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, chunk, completion, logprobs_body, message_body, usage
-from .reasoning import ReasoningStream, prompt_opens_think, split_reasoning
+from ..reasoning import ReasoningStream, prompt_opens_think, split_reasoning
 from .sampling import SamplingParams
 
 DEFAULT_ANSWER_TOKENS = 512  # a request without max_tokens: this much answer (plus thinking for R1: chat.budget)
@@ -99,7 +99,7 @@ class ChatService:
         """Blocking: retrieval (hashes the knowledge files), the chat template, the tokenizer."""
         sources = None
         if rag:
-            from .rag import with_context
+            from ..rag import with_context
 
             try:
                 with self._rag_lock:

@@ -29,8 +29,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from .chat import GenConfig, eos_ids, sampling_kwargs
-from .reasoning import cut_at_stop, held_back
+from ..chat import GenConfig, eos_ids, sampling_kwargs
+from ..reasoning import cut_at_stop, held_back
 from .sampling import Detokenizer, SamplingParams, apply_penalties, sample, token_logprobs
 
 

@@ -1,11 +1,11 @@
-"""Serving on vLLM: the field's engine behind the same interface as the built-in `conch.engine`.
+"""Serving on vLLM: the field's engine behind the same interface as the built-in `conch.serving.engine`.
 
 ``conch serve --engine vllm`` puts vLLM's `AsyncLLM` (paged KV cache, chunked prefill, CUDA graphs
 on a GPU, its own CPU kernels here) under the same routes, limits, auth, RAG and reasoning split:
 the service renders and tokenizes the prompt as always and hands the token ids to vLLM.
 
 - ``generate(prompt_ids, params, timeout_s)`` returns a `Generation`: vLLM's ``generate()``
-  runs in a task, its text deltas arrive as `conch.engine.Event` s, then one `Outcome`;
+  runs in a task, its text deltas arrive as `conch.serving.engine.Event` s, then one `Outcome`;
 - cancelling (the client left) and the request timeout cancel that task, and vLLM's
   ``generate()`` aborts the request in the engine (``AsyncLLM.abort``);
 - the queue limit is the built-in engine's: ``max_batch_size`` requests run (vLLM's
@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat import model_sampling
+from ..chat import model_sampling
 from .engine import Event, Outcome, QueueFull
-from .errors import ConchError
-from .reasoning import is_reasoning_model
+from ..errors import ConchError
+from ..reasoning import is_reasoning_model
 from .sampling import SamplingParams
 
 MISSING = ("vLLM is not installed in this environment; run `make vllm` and start the server with "
@@ -63,7 +63,7 @@ class Request:
 
 
 class Generation:
-    """One request's events as an async iterator, like `conch.engine.Generation`."""
+    """One request's events as an async iterator, like `conch.serving.engine.Generation`."""
 
     def __init__(self, engine: "VLLMEngine", request: Request):
         self.request, self._engine = request, engine
@@ -154,7 +154,7 @@ def _entry(token: int, logprobs: dict, top: int) -> tuple:
 
 
 class VLLMEngine:
-    """vLLM's async engine with the interface of `conch.engine.Engine` (``generate``, ``shutdown``, load)."""
+    """vLLM's async engine with the interface of `conch.serving.engine.Engine` (``generate``, ``shutdown``, load)."""
 
     def __init__(self, model_path: str | Path, max_batch_size: int = 16, max_queue: int = 64, reasoning: bool = False,
                  **engine_args):
@@ -162,7 +162,7 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from . import hub
+        from .. import hub
 
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.running: set[Generation] = set()
@@ -261,7 +261,7 @@ def _cpu_settings() -> None:
 
 def start(cfg) -> tuple:
     """The tokenizer and a started `VLLMEngine` for a `conch.serve.ServeConfig` (the server's startup)."""
-    from . import hub
+    from .. import hub
 
     path = Path(cfg.model) if Path(cfg.model).is_dir() else hub.resolve(cfg.model).path
     tokenizer = hub.load_tokenizer(path)

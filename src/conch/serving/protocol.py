@@ -1,4 +1,4 @@
-"""What goes over the wire: request models, response bodies and the error shape (OpenAI's).
+"""What goes over the wire: request models, response models and bodies, and the error shape (OpenAI's).
 
 Request models are strict (``"stream": "yes"`` or ``"temperature": "0.5"`` is refused, as
 OpenAI's API refuses them) and closed: a field this server does not implement is refused with
@@ -8,7 +8,7 @@ OpenAI's API refuses them) and closed: a field this server does not implement is
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -99,6 +99,140 @@ class ChatRequest(_Strict):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+
+# ---------------------------------------------------------------------------------------------
+# response models: the routes' ``response_model`` (so /docs shows them), served with
+# ``response_model_exclude_unset``: a key the body builders below leave out stays out, a null stays null.
+# Fields are in the order the builders write them, so the JSON is the same bytes as the dicts'.
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a key no model names is a 500 in the tests, not a silent loss
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class Logprobs(_Response):
+    content: list[TokenLogprob]
+
+
+class ResponseMessage(_Response):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str | None = Field(None, description="R1's reasoning (DeepSeek's name); absent without")
+    reasoning: str | None = Field(None, description="the same reasoning (vLLM's name)")
+
+
+class Choice(_Response):
+    index: int
+    message: ResponseMessage
+    finish_reason: str | None
+    logprobs: Logprobs | None = Field(None, description="with logprobs: true")
+
+
+class ChatCompletion(_Response):
+    """The body of a non-streamed ``POST /v1/chat/completions``."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    sources: list[dict[str, Any]] | None = Field(None, description="RAG mode: the passages retrieved")
+
+
+class Delta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class ChunkChoice(_Response):
+    index: int
+    delta: Delta
+    finish_reason: str | None
+    logprobs: Logprobs | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event (``data: {...}``) of a streamed ``POST /v1/chat/completions``, before ``data: [DONE]``.
+
+    The first chunk carries the role (and RAG's ``sources``); with ``stream_options.include_usage`` the last
+    one has no choices and the ``usage``. A generation that fails mid-stream sends ``{"error": {...}}`` and stops.
+    """
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    sources: list[dict[str, Any]] | None = None
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Response):
+    """``GET /v1/models``: the one model this server serves."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Response):
+    """``GET /health``: liveness and load."""
+
+    status: str
+    model: str
+    device: str
+    queue_depth: int
+    running: int
+    uptime_s: float
+    knowledge: dict[str, Any] | None = Field(None, description="RAG mode: the knowledge folder's summary")
+
+
+class GenerateResponse(_Response):
+    """``GET /generate``: the seeds' shape (``generated_text``), the answer only, the reasoning split off."""
+
+    generated_text: str
+    reasoning: str | None
+    finish_reason: str | None
+    usage: Usage
+    sources: list[dict[str, Any]] | None = Field(None, description="RAG mode: the passages retrieved")
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(_Response):
+    """Every error: OpenAI's shape, one sentence in ``message``."""
+
+    error: ErrorDetail
 
 
 # ---------------------------------------------------------------------------------------------
