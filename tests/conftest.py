@@ -93,7 +93,8 @@ def r1_real(r1_real_paths):
 
 
 # `make check` runs every test not marked slow (in minutes); `make test` runs them all. Slow: what starts a
-# server process, another Python, vLLM's environment, the GGUF converter, a browser, Java, npm, or a notebook.
+# server process, another Python, vLLM's or LLaMA-Factory's environment, the GGUF converter, a browser, Java, npm,
+# or a notebook.
 SLOW = (
     "notebooks/",
     "tests/test_serve.py", "tests/test_serve_vllm.py", "tests/test_browser.py", "tests/test_java_caller.py",
@@ -106,6 +107,7 @@ SLOW = (
     "tests/test_rag.py::test_the_server_",
     "tests/test_rag.py::test_rag_on_a_server", "tests/test_rag.py::test_serving_a_bad_knowledge_folder",
     "tests/test_cli.py", "tests/test_dpo.py::test_cli_says_what_is_missing",
+    "tests/test_llamafactory.py::test_llamafactory_cli_",
 )
 
 
