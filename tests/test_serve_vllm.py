@@ -1,6 +1,6 @@
 """The server on vLLM (``--engine vllm``) against the built-in engine, both for real on 127.0.0.1.
 
-One vLLM server (from .venv-vllm, which `make vllm` builds; `make test` builds it first) and one
+One vLLM server (from .venv-vllm, which `make vllm` builds; `make test` builds it in the background) and one
 built-in server with the same flags on the demo model: the same routes, auth, limits, RAG,
 cancellation and 503, the same 4xx sentences, and greedy answers compared prompt by prompt.
 """
@@ -18,6 +18,7 @@ import pytest
 
 from conch.errors import ConchError
 from conch.serving.launch import BackgroundServer, wait_until_healthy
+from tests import venv_builds
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -58,6 +59,7 @@ def test_max_model_len_stays_within_the_models_positions(tmp_path):
 @contextmanager
 def vllm_server(model, *args: str):
     """``conch serve --engine vllm`` run by .venv-vllm's Python on a free port; its log in the failure message."""
+    venv_builds.wait_for("vllm")  # `make test` builds it in the background
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no {VLLM_PYTHON.parent.parent.name}: run `make vllm` to test the server on vLLM")
     import socket
