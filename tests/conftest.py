@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 
-from tests import notebook_chain
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -84,12 +83,11 @@ def r1_real(r1_real_paths):
 
 
 # ---------------------------------------------------------------------------------------------
-# `make test` runs two pytest-xdist workers, each test module a unit (module fixtures start once), and the
-# notebooks in two chains: the training chain (04 -> 06 -> 10, the long cells) starts at once on one worker,
-# the other notebooks run after the test modules on the other (the Makefile collects them in that order and
-# turns off xdist's reordering). A notebook that reads another's outputs waits until that one has finished,
-# and fails at once if it failed: tests/notebook_chain.py, a plugin (`-p tests.notebook_chain`), since a conftest
-# here does not reach the notebooks' cells.
+# `make test` runs two pytest-xdist workers: the notebooks in order on one (each reads what the one before wrote),
+# the test modules on the other, one module at a time (module fixtures start once). Measured on the 2-core CI
+# machine (2026-12-06): running the training notebooks (04, 06, 10) beside the others on the second worker made
+# the whole run slower (43 vs 39 min: two model-heavy kernels side by side ran 05's evaluation 5.7x and 10's DPO
+# 1.4x slower), so they stay on one worker, where the later ones get both cores once the tests are done.
 
 
 # `make check` runs every test not marked slow (in minutes); `make test` runs them all. Slow: what starts a
@@ -117,11 +115,7 @@ NOTEBOOK_CELL_TIMEOUT = 3600  # seconds; a test's own limit is pyproject.toml's 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into groups
 def pytest_collection_modifyitems(items):
     for item in items:
-        number = notebook_chain.notebook_number(item.nodeid)
-        if number:
-            group = "notebooks-training" if number in notebook_chain.TRAINING_CHAIN else "notebooks"
-        else:
-            group = item.nodeid.split("::")[0]
+        group = "notebooks" if item.nodeid.startswith("notebooks/") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
         if item.nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
