@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -32,6 +32,7 @@ def shown(path: str | os.PathLike) -> str:
         return prefix + relative.as_posix() if str(relative) != "." else (prefix.rstrip("/") or ".")
     return str(full)
 
+
 def remove(path: Path) -> None:
     """Delete a folder, file or link if there is one."""
     if path.is_dir() and not path.is_symlink():
