@@ -74,6 +74,11 @@ def pick_device() -> Device:
                   f"no GPU found; this CPU has no native bfloat16, float32 on {threads} CPU threads")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads(n: int | None = None) -> int:
     """Use only the cores that are free: oversubscribed threads run about 10x slower.
 
@@ -92,7 +97,7 @@ def set_threads(n: int | None = None) -> int:
                              "fix it or unset it to use the free cores.")
         n = int(value)
     if n is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         n = max(1, min(cores, round(cores - busy_cores(cores))))
     torch.set_num_threads(int(n))
     return int(n)
@@ -138,7 +143,7 @@ def follow_free_cores(threads: int, sample=cpu_times) -> int:
     quietest (oversubscribed threads run about 10x slower); ``CONCH_THREADS`` fixes the number."""
     if os.environ.get("CONCH_THREADS"):
         return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     loads = other_loads(windows=4, seconds=0.5, sample=sample)
     if not loads:
         return threads
