@@ -139,7 +139,7 @@ class StyleReport:
     after: StyleScore
 
 
-def compare_style(model, tokenizer, prompts: list[str], answer_tokens: int = 96, batch_size: int = 8,
+def compare_style(model, tokenizer, prompts: list[str], answer_tokens: int = 96, batch_size: int = 64,
                   categories: list[str] | None = None) -> StyleReport:
     """Greedy answers with the DPO adapter off (the SFT model) and on, and their style scores."""
     from . import chat
