@@ -196,6 +196,10 @@ TABLE = {"00": "00_concepts", "01": "01_lora_rank", "02": "02_download_model", "
 
 # what each notebook's first cell says of its own saved run
 OWN_TIME = {
+    **{nn: [Claim(nn, r"实测：用演示模型在 2 个空闲的 CPU 核上用了 (?P<v>[\d.]+) ?(?P<u>秒|分钟)，就是下面保存的这次"),
+            Claim(f"en/{nn}", r"measured: (?P<v>[\d.]+) (?P<u>s|minutes?) on 2 quiet CPU cores with the demo model, "
+                              r"as saved below")]
+       for nn in ("07", "08", "09")},
     "05": [Claim("05", r"在 2 个空闲的 CPU 核上用了 (?P<v>[\d.]+) ?(?P<u>分钟)"),
            Claim("en/05", r"measured: (?P<v>[\d.]+) (?P<u>minutes) on 2 free CPU cores")],
     "06": [Claim("06", r"保存的这次运行在 2 个核上用了 (?P<v>[\d.]+) ?(?P<u>分钟)"),
@@ -328,7 +332,7 @@ def seconds_of(figure: str, unit: str | None) -> tuple[float, float]:
     if ":" in figure:
         m, s = figure.split(":")
         return int(m) * 60 + int(s), 0.5
-    if unit in ("min", "minutes", "分钟"):
+    if unit in ("min", "minute", "minutes", "分钟"):
         tolerance = 15 if figure.endswith(".5") else float(precision(figure)) * 60
         return float(figure) * 60, tolerance
     return float(figure), float(precision(figure))
