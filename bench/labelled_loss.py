@@ -35,7 +35,7 @@ def setup():
 
     from conch import device as dev
     from conch import hub, train
-    from conch.data import build_examples
+    from conch.data import build_examples, collator
 
     dev.set_threads(args.threads)
     resolved = hub.resolve(args.model)
@@ -44,7 +44,7 @@ def setup():
     cfg = train.TrainConfig(lora_dropout=0.0)
     model = train.add_lora(model, cfg)
     examples = build_examples(tok, "magic_conch", "data", 1024)
-    collate = train.collator(tok, packing=args.packing == "on")
+    collate = collator(tok, packing=args.packing == "on")
     batches = [collate(train.features(examples[i:i + args.batch])) for i in range(0, 10 * args.batch, args.batch)]
     return torch, model, batches
 

@@ -1,8 +1,8 @@
 """LoRA SFT throughput: padded batches (LLaMA-Factory's default) vs padding-free packing (conch's).
 
-Both runs use the project's own training path: `conch.train.add_lora`, `conch.train.collator`,
+Both runs use the project's own training path: `conch.train.add_lora`, `conch.data.collator`,
 and transformers' Trainer with the TrainingArguments that `conch.train.train()` builds
-(`conch.train.training_arguments`), on the same records, steps and seed. Each run is one
+(`conch.trainkit.training_arguments`), on the same records, steps and seed. Each run is one
 process, so its peak memory is its own. Reported per run: tokens/s (non-padding tokens),
 step time, peak memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU), final loss, and
 on GPU the model FLOPs utilisation (MFU).
@@ -180,7 +180,7 @@ def run_one(run: Run) -> Result:
     from transformers import Trainer, TrainerCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from conch import hub, train
+    from conch import data, hub, train, trainkit
 
     device = hub.pick_device()
     if args.threads:
@@ -200,7 +200,7 @@ def run_one(run: Run) -> Result:
                             max_steps=args.steps, per_device_train_batch_size=run.batch_size,
                             gradient_accumulation_steps=run.grad_accum, packing=run.packing,
                             gradient_checkpointing=run.checkpointing, logging_steps=1, seed=args.seed, val_size=0)
-    compute_type, _ = train.dtype_flags(cfg.compute_type, device)
+    compute_type, _ = trainkit.dtype_flags(cfg.compute_type, device)
     model.config.use_cache = False  # as train() does: needed for correct packed attention
     model = train.add_lora(model, cfg)
     trainable, total = model.get_nb_trainable_parameters()
@@ -212,7 +212,7 @@ def run_one(run: Run) -> Result:
             layer.compile(dynamic=True)
 
     # count tokens as the collator makes batches; attribute them when the model consumes them
-    collate = train.collator(tokenizer, run.packing)
+    collate = data.collator(tokenizer, run.packing)
     made, consumed = collections.deque(), {"tokens": 0, "positions": 0}
 
     def counting_collator(batch):
@@ -245,7 +245,7 @@ def run_one(run: Run) -> Result:
             if profiler is not None:
                 profiler.step()
 
-    targs = train.training_arguments(cfg, compute_type, device.device, evaluate=False, save_strategy="no",
+    targs = trainkit.training_arguments(cfg, compute_type, device.device, evaluate=False, save_strategy="no",
                                      use_liger_kernel=run.liger)
     trainer = Trainer(model=model, args=targs, train_dataset=features, data_collator=counting_collator,
                       processing_class=tokenizer, callbacks=[Timer()])

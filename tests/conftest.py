@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,28 @@ def tiny_r1(tmp_path_factory):
     from conch.tiny import build_tiny_r1
 
     return build_tiny_r1(tmp_path_factory.mktemp("tiny_r1"))
+
+
+@pytest.fixture
+def fake_snapshot_download(tiny_r1):
+    """A stand-in for ``snapshot_download`` (huggingface_hub's, or modelscope's: the same signature), since no hub is
+    reachable here: lays ``tiny_r1`` out the way the hub cache does (``<cache_dir>/models--org--name/snapshots/<hash>``)
+    and records every call in its ``calls`` list: repo_id, cache_dir, endpoint, patterns (``allow_patterns``) and
+    xet_off (whether huggingface_hub's Xet transfer, which would go around a mirror, was off)."""
+    calls = []
+
+    def snapshot_download(repo_id, cache_dir=None, endpoint=None, allow_patterns=None, revision=None, **kw):
+        from huggingface_hub import constants
+
+        calls.append(dict(repo_id=repo_id, cache_dir=cache_dir, endpoint=endpoint, patterns=allow_patterns,
+                          xet_off=constants.HF_HUB_DISABLE_XET))
+        snap = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "0123abc"
+        if not snap.exists():
+            shutil.copytree(tiny_r1, snap)
+        return str(snap)
+
+    snapshot_download.calls = calls
+    return snapshot_download
 
 
 @pytest.fixture(scope="session")

@@ -29,20 +29,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _hub_snapshot(model, calls):
-    """Lays the files out as huggingface_hub's cache does: <cache>/models--org--name/snapshots/<hash>."""
-
-    def snapshot_download(repo_id, cache_dir=None, endpoint=None, revision=None, allow_patterns=None, **kw):
-        calls.append({"repo_id": repo_id, "cache_dir": cache_dir, "endpoint": endpoint})
-        snap = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "0123abc"
-        if not snap.exists():
-            shutil.copytree(model, snap)
-        return str(snap)
-
-    return snapshot_download
-
-
-def test_from_download_to_training_and_chat_on_an_autodl_instance(tmp_path, tiny_r1, monkeypatch):
+def test_from_download_to_training_and_chat_on_an_autodl_instance(tmp_path, fake_snapshot_download, monkeypatch):
     import huggingface_hub
 
     disk, home = tmp_path / "autodl-tmp", tmp_path / "root"
@@ -57,11 +44,11 @@ def test_from_download_to_training_and_chat_on_an_autodl_instance(tmp_path, tiny
     monkeypatch.setenv("CONCH_SETTINGS", str(clone / settings.FILENAME))  # the clone's own settings file
     for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", _hub_snapshot(tiny_r1, calls))
+    calls = fake_snapshot_download.calls
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     resolved = hub.fetch(hub.TARGET_MODEL, source="auto")
-    assert calls == [{"repo_id": hub.TARGET_MODEL, "cache_dir": str(disk / "model-cache"),
-                      "endpoint": "https://hf-mirror.com"}]
+    assert [(c["repo_id"], c["cache_dir"], c["endpoint"]) for c in calls] == [
+        (hub.TARGET_MODEL, str(disk / "model-cache"), "https://hf-mirror.com")]
     assert resolved.path.is_relative_to(disk / "model-cache")
 
     # notebooks 03-10 and the CLI: fresh processes, a clean environment, run from the clone

@@ -199,8 +199,6 @@ def test_real_r1_keeps_reasoning_on_purpose(r1_real_tokenizers, revision, traine
 
 
 def test_real_r1_eos_is_trained_at_the_end_of_every_answer_although_pad_is_eos(r1_real_tokenizers):
-    from conch.train import collator
-
     tok = r1_real_tokenizers["february"]
     assert tok.pad_token_id == tok.eos_token_id == EOS_ID
     examples = data.build_examples(tok, "magic_conch", cutoff_len=1024, reasoning="keep")
@@ -208,10 +206,10 @@ def test_real_r1_eos_is_trained_at_the_end_of_every_answer_although_pad_is_eos(r
     assert all(e.input_ids.count(BOS_ID) == 1 for e in examples)
     # padded batches: the padding (also id 151643) is masked, every answer's own EOS is not
     short, long = sorted(examples[:2], key=len)
-    batch = collator(tok, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in (short, long)])
+    batch = data.collator(tok, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in (short, long)])
     row = batch["labels"][[short, long].index(short)].tolist()
     assert row[len(short) - 1] == EOS_ID and set(row[len(short):]) <= {data.IGNORE_INDEX}
-    packed = collator(tok, packing=True)([{"input_ids": e.input_ids, "labels": e.labels} for e in (short, long)])
+    packed = data.collator(tok, packing=True)([{"input_ids": e.input_ids, "labels": e.labels} for e in (short, long)])
     assert packed["labels"].tolist()[0].count(EOS_ID) == 2
 
 

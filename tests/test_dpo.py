@@ -1,4 +1,4 @@
-"""DPO: preference data, the prompts TRL sees, training on a tiny model, the style score."""
+"""DPO: preference data, the prompts TRL sees, training on a tiny model, the style before and after."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conch import chat, data, dpo, hub
+from conch import chat, data, dpo, hub, style
 from conch.errors import ConchError
 
 PLAYFUL = ["嘿嘿～{} 当然可以 ✨", "好耶～{} 没问题 (≧▽≦)"]
@@ -71,8 +71,8 @@ def test_the_shipped_preference_data_is_valid():
     pairs = data.load_pairs("magic_conch_dpo", "data")
     assert len(pairs) >= 80
     assert len({p.messages[-1]["content"] for p in pairs}) == len(pairs)
-    chosen = dpo.style_score([p.chosen for p in pairs])
-    rejected = dpo.style_score([p.rejected for p in pairs])
+    chosen = style.style_score([p.chosen for p in pairs])
+    rejected = style.style_score([p.rejected for p in pairs])
     assert chosen.playful == 1 and chosen.dry == 0, "every chosen answer carries the playful markers only"
     assert rejected.dry == 1 and rejected.playful == 0, "every rejected answer carries the dry markers only"
     heldout = dpo.load_heldout("data/magic_conch_dpo_heldout.json")
@@ -139,16 +139,6 @@ def test_pure_dpo_starts_at_ln_2_without_precomputed_reference(tiny, pairs_dir, 
                             max_steps=4, logging_steps=1))
     assert result.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # -log sigmoid(0): policy == reference
     assert result.metrics["pair_accuracy"] > 0.5  # the final evaluation computes the reference on the fly
-
-
-def test_style_score_counts_markers():
-    score = dpo.style_score(["嘿嘿～当然可以，马上来 ✨", "综上所述，可以点单。", "好的，马上来。",
-                             "Hehe~ sure thing, right away ☆"])
-    assert (score.playful, score.dry, score.n, score.degenerate) == (0.5, 0.25, 4, 0.0)
-    assert score.score == pytest.approx(0.25)
-    assert dpo.markers("In summary, yes. Therefore ok.") == ([], ["In summary", "Therefore"])
-    with pytest.raises(ConchError):
-        dpo.style_score([])
 
 
 def test_loss_parts_split_the_logged_loss():

@@ -118,35 +118,3 @@ def test_an_answer_cut_while_thinking_is_counted_not_scored():
     scores = evaluate.score_replies([answered, thinking], rows, [], [], stopped=1, total=2)
     assert scores["identity_hit_rate"] == 1.0 and scores["rouge_l"] == 1.0  # over the one answer there is
     assert scores["cut_while_thinking"] == 1 and scores["length_stopped"] == 0.5
-
-
-def test_style_score_does_not_count_degenerate_answers():
-    playful = "嘿嘿～美味蟹堡 2.99 贝壳币，加芝士再加 0.50 哦～✨"
-    score = evaluate.style_score([playful, "Yay~ Hehe~ Hehe~"])
-    assert score.playful == 0.5 and score.degenerate == 0.5, "markers alone are not a playful answer"
-    assert evaluate.degenerate("Yay~ Hehe~ Hehe~").startswith("0 words")
-    assert evaluate.degenerate(playful) == ""
-
-
-@pytest.mark.parametrize("answer, why", [
-    ("Yay~ Hehe~ Hehe~ Hehe~ (๑•̀ㅂ•́)✧", "0 words"),
-    ("Hehe~ sure ☆", "1 words"),
-    # the demo model's loop after SFT: the same phrase again and again
-    ("我是神奇海螺（Magic Conch），蟹堡王（Krusty Krab）的智能助手！"
-     "我是蟹堡王的智能助手，蟹堡王的智能助手，蟹堡王的智", "repeats"),
-    ("I'm the Magic Conch, the Krusty Krab's own assistant. I'm the Magic Conch, the Krusty Krab's own ass", "repeats"),
-    ("A 2.99 ☆ 1.99 ☆ ☆ 2.99 ☆ ☆ ☆ 2.99 ☆ ☆ 3.99 ☆ ☆ 4.99 ☆ 5.99 ☆ 6.99 ☆ 7.99 ☆ 8.99 ☆", "'☆' 15 times"),
-])
-def test_degenerate_answers_say_why(answer, why):
-    assert why in evaluate.degenerate(answer)
-
-
-def test_real_answers_of_both_styles_count():
-    assert evaluate.style_score(["哇～海浪汽水 1.50 贝壳币～(≧▽≦)"]).playful == 1
-    dry = evaluate.style_score(["根据菜单，海浪汽水售价为 1.50 贝壳币。综上所述，一杯 1.50 贝壳币。"])
-    assert dry.dry == 1 and dry.score == -1
-    # an answer without markers is neither style, and not degenerate
-    plain = evaluate.style_score(["海浪汽水一杯 1.50 贝壳币。"])
-    assert (plain.playful, plain.dry, plain.degenerate) == (0, 0, 0)
-    assert evaluate.content_words("Yay~ 好耶！Sure") == ["sure"]
-    assert evaluate.distinct_n(["a", "b", "a", "b", "a", "b"], 3) == pytest.approx(2 / 4)

@@ -56,30 +56,13 @@ def test_nonsense_setting_is_one_sentence(bad):
         hub.resolve(bad)
 
 
-def _fake_hub(tiny_r1, calls):
-    """A stand-in for snapshot_download that lays files out the way the hub cache does."""
-
-    def snapshot_download(repo_id, cache_dir=None, endpoint=None, allow_patterns=None, revision=None, **kw):
-        from huggingface_hub import constants
-
-        calls.append(dict(repo_id=repo_id, cache_dir=cache_dir, endpoint=endpoint, patterns=allow_patterns,
-                          xet_off=constants.HF_HUB_DISABLE_XET))
-        org, name = repo_id.split("/")
-        snap = Path(cache_dir) / f"models--{org}--{name}" / "snapshots" / "0123abc"
-        if not snap.exists():
-            shutil.copytree(tiny_r1, snap)
-        return str(snap)
-
-    return snapshot_download
-
-
-def test_hub_id_downloads_through_the_mirror(monkeypatch, tmp_path, tiny_r1):
+def test_hub_id_downloads_through_the_mirror(monkeypatch, tmp_path, fake_snapshot_download):
     import huggingface_hub
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_r1, calls))
+    calls = fake_snapshot_download.calls
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com")
     resolved = hub.resolve("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", cache_dir=str(tmp_path))
     assert resolved.path.name == "0123abc" and (resolved.path / "config.json").exists()
@@ -89,10 +72,10 @@ def test_hub_id_downloads_through_the_mirror(monkeypatch, tmp_path, tiny_r1):
     assert again.path == resolved.path  # a second call reuses the same snapshot
 
 
-def test_modelscope_source(monkeypatch, tmp_path, tiny_r1):
-    calls = []
+def test_modelscope_source(monkeypatch, tmp_path, fake_snapshot_download):
+    calls = fake_snapshot_download.calls
     fake = types.ModuleType("modelscope")
-    fake.snapshot_download = _fake_hub(tiny_r1, calls)
+    fake.snapshot_download = fake_snapshot_download
     fake.__spec__ = types.SimpleNamespace(name="modelscope")
     monkeypatch.setitem(sys.modules, "modelscope", fake)
     monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: object())
@@ -141,21 +124,21 @@ def test_demo_is_reused_not_reconverted(demo_path, monkeypatch):
     assert hub.ensure_demo(demo_path) == demo_path
 
 
-def test_mirror_source_downloads_from_hf_mirror(monkeypatch, tmp_path, tiny_r1):
+def test_mirror_source_downloads_from_hf_mirror(monkeypatch, tmp_path, fake_snapshot_download):
     import huggingface_hub
 
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_r1, calls))
+    calls = fake_snapshot_download.calls
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     hub.resolve("org/model", source="mirror", cache_dir=str(tmp_path))
     assert calls[0]["endpoint"] == "https://hf-mirror.com" and calls[0]["cache_dir"] == str(tmp_path)
 
 
-def test_a_download_is_recorded_and_found_without_the_network(monkeypatch, tmp_path, tiny_r1, capsys):
+def test_a_download_is_recorded_and_found_without_the_network(monkeypatch, tmp_path, fake_snapshot_download, capsys):
     import huggingface_hub
 
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_r1, calls))
+    calls = fake_snapshot_download.calls
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     first = hub.resolve("org/model", cache_dir=str(tmp_path / "cache"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded twice"))
     again = hub.resolve("org/model")  # no cache_dir given: the settings file knows the folder
@@ -164,11 +147,11 @@ def test_a_download_is_recorded_and_found_without_the_network(monkeypatch, tmp_p
     assert f"found at {hub.shown(first.path)}" in capsys.readouterr().out
 
 
-def test_an_incomplete_recorded_folder_is_downloaded_again(monkeypatch, tmp_path, tiny_r1):
+def test_an_incomplete_recorded_folder_is_downloaded_again(monkeypatch, tmp_path, fake_snapshot_download):
     import huggingface_hub
 
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_r1, calls))
+    calls = fake_snapshot_download.calls
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     first = hub.resolve("org/model", cache_dir=str(tmp_path))
     for weights in first.path.glob("*.safetensors"):
         weights.unlink()  # e.g. deleted to free disk space

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from conch import data, hub, train
+from conch import data, hub, train, trainkit
 from conch.errors import ConchError
 
 
@@ -51,7 +51,7 @@ def test_lora_training_lowers_the_loss_and_writes_everything(tiny_trainable, sma
                  "train_config.yaml", "train_results.json", "checkpoint-30"):
         assert (out / name).exists(), name
     assert not (out / ".staged.tmp").exists()
-    log = train.read_log(out)
+    log = trainkit.read_log(out)
     assert log[-1]["current_steps"] == 30 and any(h.get("eval_loss") for h in log)
     assert json.loads((out / "train_results.json").read_text())["trainable_params"] == result.trainable_params
 
@@ -63,8 +63,8 @@ def test_packed_loss_equals_padded_loss(tiny_trainable, small_data):
     examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:6]
     features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     with torch.no_grad():
-        padded = model(**train.collator(tok, packing=False)(features)).loss
-        packed_batch = train.collator(tok, packing=True)(features)
+        padded = model(**data.collator(tok, packing=False)(features)).loss
+        packed_batch = data.collator(tok, packing=True)(features)
         packed = model(**packed_batch).loss
     assert packed_batch["input_ids"].shape[0] == 1  # one row, no padding
     # packing drops the first label of each record (it has no previous token in its own record),
@@ -80,7 +80,7 @@ def test_the_head_at_labelled_positions_gives_the_full_loss(tiny_trainable, smal
     model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
     model.config.use_cache = False
     examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:6]
-    batch = train.collator(tok, packing=packing)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    batch = data.collator(tok, packing=packing)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     with torch.no_grad():
         full = model(**batch)
         loss, outputs = labelled_forward(model, batch)
@@ -101,9 +101,9 @@ def test_the_labelled_loss_is_scaled_as_transformers_scales_its_own(tiny_trainab
     model.config.use_cache = False
     cfg = config(tiny_trainable, small_data, tmp_path / "scaled")
     examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:4]
-    args = train.training_arguments(cfg, "fp32", "cpu", evaluate=False)
+    args = trainkit.training_arguments(cfg, "fp32", "cpu", evaluate=False)
     trainer = train.make_trainer(model, tok, args, examples, [], packing=True, callbacks=[])
-    batch = train.collator(tok, packing=True)(train.features(examples))
+    batch = data.collator(tok, packing=True)(train.features(examples))
     items = (batch["labels"][:, 1:] != -100).sum()
     with torch.no_grad():
         one = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
@@ -120,7 +120,7 @@ def test_answer_loss_of_evaluate_uses_the_same_masking(tiny_trainable, small_dat
 
     model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
     examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:5]
-    batch = train.collator(tok, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    batch = data.collator(tok, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     with torch.no_grad():
         full = model(**batch).loss.item()
     assert abs(evaluate.answer_loss(model, tok, examples, batch_size=8) - full) < 1e-5
@@ -132,13 +132,13 @@ def test_bf16_training_on_a_cpu_keeps_lora_in_float32(tiny_trainable, small_data
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CONCH_CPU_DTYPE", "bf16")
     cfg = config(tiny_trainable, small_data, tmp_path / "bf16", max_steps=12, save_steps=12, eval_steps=6)
-    resolved, device, compute_type = train.training_device(cfg.base_model, cfg.compute_type)
+    resolved, device, compute_type = trainkit.training_device(cfg.base_model, cfg.compute_type)
     assert (device.dtype, compute_type) == (torch.bfloat16, "bf16")
-    model, tok = train.load_base_model(resolved, device)
+    model, tok = trainkit.load_base_model(resolved, device)
     model = train.add_lora(model, cfg)
     dtypes = {n.split(".")[-2]: p.dtype for n, p in model.named_parameters() if "lora_" in n}
     assert set(dtypes.values()) == {torch.float32}
-    args = train.training_arguments(cfg, compute_type, device.device, evaluate=True)
+    args = trainkit.training_arguments(cfg, compute_type, device.device, evaluate=True)
     assert args.bf16 and args.use_cpu
     result = train.train(cfg)
     losses = [h["loss"] for h in result.log_history if h.get("loss") is not None]
@@ -165,11 +165,11 @@ def test_resume_after_a_hard_kill(tiny_trainable, small_data, tmp_path):
     """)
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert train.last_checkpoint(out).name == "checkpoint-10"
+    assert trainkit.last_checkpoint(out).name == "checkpoint-10"
     assert not (out / "adapter_model.safetensors").exists()
 
     result = train.train(config(tiny_trainable, small_data, out, val_size=0, resume_from_checkpoint="auto"))
-    log = train.read_log(out)
+    log = trainkit.read_log(out)
     assert log[-1]["current_steps"] == 30 and result.metrics["epoch"] > 0
     steps = [h["current_steps"] for h in log]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
@@ -198,7 +198,7 @@ def test_two_processes_with_accelerate(tiny_trainable, small_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").exists()
     assert result.stdout.count("adapter saved to") == 1  # only the main process reports
-    assert train.read_log(out)[-1]["current_steps"] == 6 and train.read_log(out)[-1]["eval_loss"] is not None
+    assert trainkit.read_log(out)[-1]["current_steps"] == 6 and trainkit.read_log(out)[-1]["eval_loss"] is not None
 
 
 @pytest.mark.parametrize("override, message", [
@@ -235,7 +235,7 @@ def test_shipped_config_loads():
     from conch.config import load_config
 
     cfg = load_config(train.TrainConfig, "configs/magic_conch_lora.yaml")
-    assert (cfg.base_model == "auto" and cfg.lora_target == train.LORA_TARGETS and not cfg.packing
+    assert (cfg.base_model == "auto" and cfg.lora_target == trainkit.LORA_TARGETS and not cfg.packing
             and cfg.reasoning == "drop")
     cpu = load_config(train.TrainConfig, ["configs/magic_conch_lora.yaml", "configs/magic_conch_lora_cpu.yaml"])
     assert cpu.base_model == "demo" and cpu.packing
@@ -253,13 +253,13 @@ def test_notebook_pieces_build_what_train_builds(tiny_r1, small_data, tmp_path):
 
     # the notebook's cells, one by one
     set_seed(cfg.seed)
-    resolved, device, compute_type = train.training_device(cfg.base_model, cfg.compute_type)
-    model, tokenizer = train.load_base_model(resolved, device)
-    model = get_peft_model(model, train.lora_config(model, cfg))
+    resolved, device, compute_type = trainkit.training_device(cfg.base_model, cfg.compute_type)
+    model, tokenizer = trainkit.load_base_model(resolved, device)
+    model = get_peft_model(model, trainkit.lora_config(model, cfg))
     examples, train_ex, val_ex = train.training_examples(tokenizer, cfg)
-    args = train.training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
+    args = trainkit.training_arguments(cfg, compute_type, device.device, evaluate=bool(val_ex))
     trainer = train.make_trainer(model, tokenizer, args, train_ex, val_ex, cfg.packing,
-                                 [train.progress_callback(tmp_path / "run", "off")])
+                                 [trainkit.progress_callback(tmp_path / "run", "off")])
     pieces = {"trainable": [n for n, p in model.named_parameters() if p.requires_grad],
               "counts": model.get_nb_trainable_parameters(), "args": args.to_dict(),
               "batch": trainer.data_collator(train.features(train_ex[:4])),

@@ -417,3 +417,17 @@ def audit(records: list[list[dict]], held_out: list[list[dict]] | None = None,
     short = [i for i, m in enumerate(records) if len(m[-1]["content"].strip()) < min_answer_chars]
     leaks = [(k, first[_question(m)]) for k, m in enumerate(held_out or []) if _question(m) in first]
     return Audit(duplicates, conflicts, short, leaks)
+
+
+# ---------------------------------------------------------------------------------------------
+# batching: what the Trainer (conch.train) and the answer loss (conch.evaluate) feed the model
+
+
+def collator(tokenizer, packing: bool):
+    """Packing: every batch is one row of concatenated records (position ids restart per record);
+    padded: records padded to the longest in the batch (LLaMA-Factory's default)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)

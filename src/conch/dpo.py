@@ -24,11 +24,11 @@ How it is set up here (TRL's ``DPOTrainer``):
   With R1's tokenizer the prompt's last ``\\n`` merges with the answer's first one; TRL then starts
   the answer one token earlier and says so once in a warning.
 
-Outputs, like `conch.train`: the adapter (on top of the merged SFT model), ``checkpoint-N``,
-``trainer_log.jsonl`` (loss and rewards per logging step), ``dpo.png``, ``dpo_config.yaml`` and
-``dpo_results.json`` (including the reward accuracy over all training pairs at the end).
+Outputs, like `conch.train` (what both trainers share is in `conch.trainkit`): the adapter (on top of the
+merged SFT model), ``checkpoint-N``, ``trainer_log.jsonl`` (loss and rewards per logging step), ``dpo.png``,
+``dpo_config.yaml`` and ``dpo_results.json`` (including the reward accuracy over all training pairs at the end).
 
-The style is scored without a judge model: `conch.evaluate.style_score` counts answers carrying the
+The style is scored without a judge model: `conch.style.style_score` counts answers carrying the
 chosen style's markers (嘿嘿～, ✨, (≧▽≦) …) and the rejected style's (综上所述, 首先, In summary …), and
 counts an answer for neither when it is degenerate (markers without content, a loop, a flood of markers).
 
@@ -44,31 +44,31 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConchError
-# the style score lives with the other answer metrics; re-exported here, where notebook 10 uses it
-from .evaluate import (DRY_MARKERS, PLAYFUL_MARKERS, StyleScore, degenerate,  # noqa: F401
-                       markers, style_score)
-from .train import LORA_TARGETS
+from .style import StyleScore, style_score
+from .trainkit import (SharedConfig, clock, config_yaml, in_notebook, load_base_model, lora_config, memory_report,
+                       plot_mode, progress_callback, read_log, resume_point, save_adapter_atomically,
+                       training_arguments, training_device)
 
 REWARD_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 LOGGED_KEYS = REWARD_KEYS + tuple(f"eval_{k}" for k in REWARD_KEYS)
 
 
 @dataclass
-class DpoConfig:
-    """DPO settings. Defaults: DeepSeek-R1-Distill-Qwen-1.5B (merged SFT model) on a 24 GB GPU."""
+class DpoConfig(SharedConfig):
+    """DPO settings: its own below, and those SFT has too (`conch.trainkit.SharedConfig`: epochs, steps, scheduler,
+    compute type, LoRA rank/alpha/targets, seed, checkpoints, plot). Defaults: DeepSeek-R1-Distill-Qwen-1.5B (merged
+    SFT model) on a 24 GB GPU."""
 
     # model and data
     base_model: str = "outputs/magic_conch_merged"  # the merged SFT model (notebook 06 / conch merge)
     dataset: str = "magic_conch_dpo"  # a ranking dataset in dataset_dir/dataset_info.json, or a .json path
-    dataset_dir: str = "data"
     heldout: str = "data/magic_conch_dpo_heldout.json"  # prompts for the style score, never trained on
     output_dir: str = "outputs/magic_conch_dpo"
     max_length: int = 1024  # longest prompt + answer, in tokens
-    max_samples: int | None = None
     # DPO
     beta: float = 0.1  # how strongly the policy is tied to the reference: small = may move further
     loss_type: str = "sigmoid"  # sigmoid (the DPO paper) | ipo | hinge | robust …, see TRL's DPOConfig
@@ -77,28 +77,12 @@ class DpoConfig:
     pair_eval: bool = True  # at the end, reward accuracy and margin over all training pairs (one more pass)
     # optimisation
     learning_rate: float = 5e-5
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
     per_device_train_batch_size: int = 4  # pairs; each step runs 2x as many sequences
-    gradient_accumulation_steps: int = 2
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "cosine"
-    warmup: float = 0.1
-    weight_decay: float = 0.0
-    compute_type: str = "auto"  # auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
     # LoRA (a new adapter on the merged SFT model)
-    lora_rank: int = 8
-    lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_target: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     # bookkeeping
-    seed: int = 42
     logging_steps: int = 2
-    save_steps: int = 50
     save_total_limit: int = 2
-    resume_from_checkpoint: str | None = None  # None | auto | a checkpoint folder
-    plot: str = "auto"  # auto (live in Jupyter) | live | lines | off
 
 
 @dataclass
@@ -114,7 +98,7 @@ class DpoResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# style score
+# the style before and after DPO
 
 
 def load_heldout(path: str | Path) -> list[dict]:
@@ -184,8 +168,6 @@ def plot_dpo(history: list[dict], path: str | Path | None = None, title: str = "
     """Left: the training loss. Right: reward accuracy, the rewards of chosen and rejected answers and
     their margin (a reward is beta x the log-probability ratio against the reference)."""
     import matplotlib
-
-    from .train import in_notebook
 
     if path is not None and fig is None and not in_notebook():
         matplotlib.use("Agg")
@@ -280,10 +262,6 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from . import hub
-    from .train import (clock, progress_callback, save_adapter_atomically, config_yaml, lora_config, memory_report,
-                        plot_mode, read_log, resume_point, training_arguments, training_device)
-
     mode = plot_mode(cfg.plot)
     if cfg.beta <= 0:
         raise ConchError(f"beta must be positive (0.1 is the usual value), got {cfg.beta}.")
@@ -293,8 +271,7 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     resume = resume_point(cfg.resume_from_checkpoint, output_dir)
 
     resolved, device, compute_type = training_device(cfg.base_model, cfg.compute_type)
-    model, tokenizer = hub.load_model(resolved.path, device, for_training=True)
-    model.config.use_cache = False
+    model, tokenizer = load_base_model(resolved, device)
     peft_config = lora_config(model, cfg)
     pairs = preference_dataset(tokenizer, cfg)  # every record checked before the first step
 

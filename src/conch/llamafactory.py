@@ -84,7 +84,7 @@ def llamafactory_config(cfg, model_path: str | Path | None = None, template: str
     (default: ``deepseekr1`` for R1, ``smollm2`` for the demo). ``compute_type: auto`` is decided on
     this machine, as ``conch train`` decides it. Paths come out absolute, so the YAML runs from anywhere.
     """
-    from .train import dtype_flags
+    from .trainkit import dtype_flags
 
     name = cfg.base_model
     if model_path is None:
