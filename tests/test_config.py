@@ -1,3 +1,4 @@
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -118,3 +119,17 @@ def test_constraints_pin_every_requirement_but_torch():
     assert names("constraints.txt") == names("requirements.txt") - {"torch"}
     table = settings.versions()
     assert "transformers" in table and "notebooks ran with" in table
+
+
+def test_a_config_shows_its_own_fields_before_the_shared_ones():
+    from conch.config import as_ordered_dict, field_names
+    from conch.dpo import DpoConfig
+    from conch.train import TrainConfig
+    from conch.trainkit import SharedConfig
+
+    shared = field_names(SharedConfig)
+    for cls in (TrainConfig, DpoConfig):
+        names = field_names(cls)
+        assert names[0] == "base_model" and names[-len(shared):] == shared
+        assert sorted(names) == sorted(f.name for f in dataclasses.fields(cls))
+        assert list(as_ordered_dict(cls())) == names

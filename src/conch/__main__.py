@@ -13,13 +13,13 @@ own options and its help. A mistake the user can fix ends in one sentence on std
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .config import field_names
 from .errors import ConchError
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Stage:
         return getattr(importlib.import_module(f"conch.{module}"), name)
 
     def config_fields(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self.config_class())] if self.config else []
+        return field_names(self.config_class()) if self.config else []
 
     def option_names(self) -> list[str]:
         own = [o.name for o in self.options] + (["config"] if self.config else [])

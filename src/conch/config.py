@@ -48,6 +48,20 @@ def _convert(cls, name: str, value, source: str):
     return value
 
 
+def field_names(cls) -> list[str]:
+    """A config dataclass's fields, its own first, then those it inherits (TrainConfig and DpoConfig share
+    trainkit.SharedConfig's): the order `--help` and the saved YAML snapshots show, base model and data first."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    return [n for n in names if n not in inherited] + [n for n in names if n in inherited]
+
+
+def as_ordered_dict(cfg) -> dict:
+    """``dataclasses.asdict``, in ``field_names`` order."""
+    values = dataclasses.asdict(cfg)
+    return {name: values[name] for name in field_names(type(cfg))}
+
+
 def load_config(cls, path: str | Path | list | None = None, overrides: list[str] | dict | None = None):
     """Build a `cls` from YAML file(s) and overrides (``key=value`` strings or a dict).
 
