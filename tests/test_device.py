@@ -96,17 +96,31 @@ def test_real_readings_are_sane():
     assert 0.0 <= dev.busy_cores(os.cpu_count() or 1, windows=1, seconds=0.05) <= (os.cpu_count() or 1)
 
 
+def _watch(*windows, every=3.0):
+    """A CoreWatch fed the fake readings of ``_times`` one a second, deciding every ``every`` seconds."""
+    ticks = iter(range(100))
+    return dev.CoreWatch(every=every, min_window=0.5, sample=_times(*windows), clock=lambda: float(next(ticks)))
+
+
 def test_threads_follow_the_free_cores_during_a_run(monkeypatch):
     monkeypatch.delenv("CONCH_THREADS", raising=False)
     monkeypatch.setattr(dev.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(dev.time, "sleep", lambda s: None)
     quiet = (0.0, 1.0)  # (others, this process) in a window
-    assert dev.follow_free_cores(1, sample=_times(quiet, quiet, quiet, quiet)) == 2  # the other job finished
-    blip = _times(quiet, (1.0, 1.0), quiet, quiet)  # busy in one window: not free on end, stay
-    assert dev.follow_free_cores(1, sample=blip) == 1
-    steady = _times(*[(1.0, 1.0)] * 4)  # another job took a core back in every window: give it back
-    assert dev.follow_free_cores(2, sample=steady) == 1
-    assert dev.follow_free_cores(2, sample=_times((1.0, 1.0), quiet, quiet, quiet)) == 2  # a burst: keep both
+    assert dev.loads_between([(0, 0, 0), (0, 0, 0)]) == []  # the counters did not move: no window
+    assert dev.follow_free_cores(1, [0.0, 0.0, 0.0]) == 2  # the other job finished
+    assert dev.follow_free_cores(1, [0.0, 1.0, 0.0]) == 1  # busy in one window: not free on end, stay
+    assert dev.follow_free_cores(2, [1.0, 1.0, 1.0]) == 1  # another job took a core back in every window: give it back
+    assert dev.follow_free_cores(2, [1.0, 0.0, 0.0]) == 2  # a burst: keep both
+    assert dev.follow_free_cores(2, []) == 2  # no readings: keep
+
+    # during training: one reading a step (no waiting), a decision once `every` seconds have passed
+    watch = _watch(quiet, quiet, quiet)
+    assert [watch.threads(1) for _ in range(3)] == [1, 1, 2]  # the 3rd step (t=3 s) decides from 2 quiet windows
+    watch = _watch(*[(1.0, 1.0)] * 3)
+    assert [watch.threads(2) for _ in range(3)] == [2, 2, 1]
+    watch = _watch(quiet, (1.0, 1.0), quiet)
+    assert [watch.threads(1) for _ in range(3)] == [1, 1, 1]
     monkeypatch.setenv("CONCH_THREADS", "1")
-    assert dev.follow_free_cores(1, sample=_times(quiet, quiet, quiet, quiet)) == 1  # fixed by the user
+    assert dev.follow_free_cores(1, [0.0, 0.0]) == 1  # fixed by the user
+    assert [_watch(quiet, quiet, quiet, quiet).threads(1) for _ in range(1)] == [1]

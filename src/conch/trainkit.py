@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .device import CoreWatch
 from .errors import ConchError
 from .paths import staged
 
@@ -116,7 +117,8 @@ def progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, .
         """Writes trainer_log.jsonl and shows progress: a live plot in Jupyter, lines otherwise."""
 
         def __init__(self):
-            self.started = self.threads_checked = time.time()
+            self.started = time.time()
+            self.cores = CoreWatch()
             self.history: list[dict] = []
             self.handle = self.fig = None
             self.last_logs: dict = {}
@@ -131,15 +133,13 @@ def progress_callback(output_dir: Path, mode: str, plot=None, keys: tuple[str, .
                 log.write_text("".join(json.dumps(h) + "\n" for h in self.history))
 
         def on_step_end(self, args, state, control, **kw):
-            # on a CPU, every half minute: the threads follow the free cores (another job may have finished)
-            if args.device.type != "cpu" or time.time() - self.threads_checked < 30:
+            # on a CPU the threads follow the free cores (another job may have finished, or started)
+            if args.device.type != "cpu":
                 return
             import torch
 
-            from .device import follow_free_cores
-
-            self.threads_checked, now = time.time(), torch.get_num_threads()
-            threads = follow_free_cores(now)
+            now = torch.get_num_threads()
+            threads = self.cores.threads(now)
             if threads != now:
                 torch.set_num_threads(threads)
                 if state.is_world_process_zero:
