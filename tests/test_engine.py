@@ -338,7 +338,7 @@ def test_a_request_admitted_into_a_running_batch_equals_its_solo_run(tiny, drive
     running = [Request(prompt(tiny, QUESTIONS[q]), greedy(40)) for q in ("short", "medium")]
     drive(driven, running, steps=6)
     assert [len(r.tokens) for r in running] == [6, 6] and all(r.outcome is None for r in running)
-    width = driven._mask.shape[1]
+    width = driven.batch.width
     late = Request(prompt(tiny, QUESTIONS[newcomer]), greedy(20))
     assert (len(late.prompt_ids) > width) == (newcomer == "long")  # both sides of the join are covered
     drive(driven, [late])
@@ -369,10 +369,10 @@ def test_requests_leaving_mid_batch_do_not_change_the_others(tiny, driven):
     plan = [("long", 5), ("medium", 12), ("short", 30), ("zh", 20)]
     requests = [Request(prompt(tiny, QUESTIONS[q]), greedy(n)) for q, n in plan]
     driven.admit(requests)
-    width = driven._mask.shape[1]
+    width = driven.batch.width
     drive(driven, steps=5)
     assert [r.outcome is not None for r in requests] == [True, False, False, False]
-    assert driven._mask.shape[1] < width + 5  # the long prompt's padding columns were dropped
+    assert driven.batch.width < width + 5  # the long prompt's padding columns were dropped
     drive(driven)
     for r, (q, n) in zip(requests, plan):
         assert r.outcome.finish_reason == "length" and r.tokens == solo(tiny, r.prompt_ids, n), q

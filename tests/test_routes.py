@@ -8,6 +8,7 @@ import pytest
 from starlette.responses import JSONResponse
 
 from conch.serve import ServeConfig, create_app
+from conch.serving.protocol import ErrorResponse
 
 testclient = pytest.importorskip("fastapi.testclient")
 
@@ -87,3 +88,23 @@ def test_openapi_shows_the_response_models(client):
     refs = {v for v in json.dumps(spec).split('"') if v.startswith("#/components/schemas/")}
     assert {r.rsplit("/", 1)[1] for r in refs} <= set(schemas)  # every reference resolves
     assert "finish_reason" in schemas["ChunkChoice"]["properties"]
+
+
+def test_openapi_shows_the_error_body_for_each_error_status(client):
+    """Every 4xx and 5xx a route documents has `ErrorResponse` (OpenAI's shape) as its body, as the app sends it."""
+    spec = client.app.openapi()
+    documented = {}
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            for code, response in operation["responses"].items():
+                if code[0] in "45" and code != "422":  # 422: FastAPI's own entry; the app answers 400 instead
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema["$ref"].endswith("/ErrorResponse"), (path, method, code)
+                    documented.setdefault(f"{method} {path}", set()).add(int(code))
+    assert documented == {"get /v1/models": {401}, "get /generate": {400, 401, 500, 503, 504},
+                          "post /v1/chat/completions": {400, 401, 500, 503, 504}}
+    detail = spec["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["properties"]) == {"message", "type", "code"}
+    refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "tools": []})
+    assert refused.status_code == 400
+    ErrorResponse.model_validate(refused.json())  # what is sent is what is documented

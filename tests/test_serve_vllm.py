@@ -339,14 +339,14 @@ class FakeLLM:
 
 
 def fake_engine(llm, max_batch_size=1, max_queue=1):
+    """A `VLLMEngine` around the stand-in, built the way `VLLMEngine.from_model` builds one around vLLM's."""
     from conch.serving.engine_vllm import VLLMEngine
 
-    engine = object.__new__(VLLMEngine)
-    engine.llm, engine.max_batch_size, engine.max_queue = llm, max_batch_size, max_queue
-    engine.running, engine.closing, engine.defaults, engine.sampling = set(), False, {}, (0.0, 1.0)
-    engine._ids = iter(range(100))
-    engine.sampling_params = lambda params: params
-    return engine
+    class Engine(VLLMEngine):
+        def sampling_params(self, params):  # vLLM's SamplingParams need vllm: the stand-in takes conch's
+            return params
+
+    return Engine(llm, max_batch_size, max_queue, defaults={}, sampling=(0.0, 1.0))
 
 
 def test_vllm_generation_events_outcome_and_queue_limit():

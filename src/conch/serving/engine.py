@@ -15,6 +15,10 @@ The interface the server uses (and a second engine, e.g. vLLM, would implement):
 params, timeout_s)`` returns a `Generation`, an async iterator of `Event` s: text pieces (safe to
 show: a partial character or a partial stop string is held back), then one `Outcome`.
 Underneath, the worker calls each request's one callback, ``on_event``.
+
+Who does what: `Engine` schedules (the queue, admissions, one step for the whole batch, sampling);
+`conch.serving.kv_batch.KVBatch` holds the batch's tensors (KV cache, mask, lengths) and does the
+padding, joining and dropping of rows; each `Request` turns its own tokens into text and events.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from ..chat import GenConfig, eos_ids, sampling_kwargs
 from ..reasoning import cut_at_stop, held_back
+from .kv_batch import KVBatch
 from .sampling import Detokenizer, SamplingParams, apply_penalties, sample, token_logprobs
 
 
@@ -61,6 +66,11 @@ class Event:
 
 @dataclass
 class Request:
+    """One generation: its prompt and parameters, and (filled in by the worker) its tokens, text and outcome.
+
+    The request turns its own tokens into events (`advance`): the detokenizer, the stop strings,
+    what is safe to send yet, and the one `Outcome` (`end`)."""
+
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     timeout_s: float = 120.0
@@ -87,6 +97,61 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def advance(self, token: int, logits: torch.Tensor, eos: set[int]) -> bool:
+        """Take the token sampled from ``logits``; False when the request has ended (this token ended it,
+        or it was cancelled or ran out of time: then the token is not taken)."""
+        if self.expired():
+            return False
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if token in eos:
+            if not self.emit(self.detokenizer.flush()):  # the held-back characters, then the end
+                self.end("stop")
+            return False
+        self.tokens.append(token)
+        if self.params.logprobs:
+            self.pending_logprobs.append((token, *token_logprobs(logits, token, self.params.top_logprobs)))
+        if self.emit(self.detokenizer.add(token)):  # a stop string ended it
+            return False
+        if len(self.tokens) >= self.params.max_tokens:
+            if not self.emit(self.detokenizer.flush()):
+                self.end("length")
+            return False
+        return True
+
+    def emit(self, piece: str) -> bool:
+        """Add a decoded piece; send what is safe to show. True when a stop string ended the request."""
+        checked, self.text = len(self.text), self.text + piece
+        self.text, stopped = cut_at_stop(self.text, self.params.stop, checked)
+        if stopped:
+            self.end("stop")
+            return True
+        safe = len(self.text) - held_back(self.text, self.params.stop)
+        if safe > self.sent:
+            self.send(Event(self.text[self.sent:safe], self.pending_logprobs))
+            self.sent, self.pending_logprobs = safe, []
+        return False
+
+    def end(self, reason: str, message: str = "") -> None:
+        """Send the rest of the text (when it ended normally) and the `Outcome`; once only."""
+        if self.outcome is not None:
+            return
+        if reason in ("stop", "length") and len(self.text) > self.sent:
+            self.send(Event(self.text[self.sent:], self.pending_logprobs))
+            self.sent, self.pending_logprobs = len(self.text), []
+        self.outcome = Outcome(reason, len(self.prompt_ids), len(self.tokens), message)
+        self.send(Event(logprobs=self.pending_logprobs, outcome=self.outcome))
+
+    def expired(self) -> bool:
+        """Cancelled or past its timeout: then it has ended (with that outcome)."""
+        if self.cancelled.is_set():
+            self.end("cancelled", "the request was cancelled.")
+            return True
+        if time.monotonic() - self.created > self.timeout_s:
+            self.end("timeout", f"the request took longer than its {self.timeout_s:g} s timeout.")
+            return True
+        return False
 
 
 class TextEngine(Protocol):
@@ -135,15 +200,20 @@ class Generation:
 
 
 class Engine:
+    """The scheduler: a bounded queue, admissions between steps, one decoding step for the whole batch.
+
+    The batch's tensors are a `conch.serving.kv_batch.KVBatch` (``batch``, None while nothing runs); each
+    request turns its own tokens into text and events (`Request.advance`)."""
+
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 64, start: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.eos = set(eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos))
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in the order of the batch's rows
+        self.batch: KVBatch | None = None
         self._stop = threading.Event()
-        self._cache = self._mask = self._lengths = self._next = None
         self.steps = 0
         self.prefilling = 0
         self.worker = threading.Thread(target=self._loop, name="conch-engine", daemon=True)
@@ -186,8 +256,8 @@ class Engine:
         if self.worker.is_alive():
             self.worker.join(timeout=timeout_s)
         for r in self.running + self._take(self.waiting.qsize()):
-            self._end(r, "shutdown", "the server is shutting down; retry in a moment.")
-        self.running, self._cache = [], None
+            r.end("shutdown", "the server is shutting down; retry in a moment.")
+        self.running, self.batch = [], None
 
     # -- the worker -----------------------------------------------------------------------------
 
@@ -206,8 +276,8 @@ class Engine:
                     self.step()
             except Exception as e:  # a decoding step failed: fail the running requests, keep serving
                 for r in self.running:
-                    self._end(r, "error", f"generation failed: {type(e).__name__}: {e}")
-                self.running, self._cache = [], None
+                    r.end("error", f"generation failed: {type(e).__name__}: {e}")
+                self.running, self.batch = [], None
 
     def _take(self, n: int) -> list[Request]:
         taken = []
@@ -221,7 +291,7 @@ class Engine:
     @torch.inference_mode()
     def admit(self, new: list[Request]) -> None:
         """Prefill the new requests' prompts and join them to the running batch."""
-        new = [r for r in new if not self._expired(r)]
+        new = [r for r in new if not r.expired()]
         if not new:
             return
         self.prefilling = len(new)
@@ -229,138 +299,42 @@ class Engine:
             self._prefill(new)
         except Exception as e:  # noqa: BLE001 - only these requests fail; the running batch is untouched
             for r in new:
-                self._end(r, "error", f"reading the prompt failed: {type(e).__name__}: {e}")
+                r.end("error", f"reading the prompt failed: {type(e).__name__}: {e}")
         finally:
             self.prefilling = 0
 
     def _prefill(self, new: list[Request]) -> None:
-        from transformers import DynamicCache
-
-        device = self.model.device
-        width = max(len(r.prompt_ids) for r in new)
-        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True)
-        lengths = mask.sum(-1)
-        next_logits = out.logits[:, -1, :].float()
+        batch = KVBatch.prefill(self.model, [r.prompt_ids for r in new], self.pad_id)
         for r in new:
-            r.generator = r.params.generator(device)
+            r.generator = r.params.generator(self.model.device)
             r.detokenizer = Detokenizer(self.tokenizer)
         if self.running:
-            self._cache, self._mask = _join(self._cache, self._mask, cache, mask)
-            self._lengths = torch.cat([self._lengths, lengths])
-            self._next = torch.cat([self._next, next_logits])
+            self.batch.join(batch)
         else:
-            self._cache, self._mask, self._lengths, self._next = cache, mask, lengths, next_logits
+            self.batch = batch
         self.running += new
 
     @torch.inference_mode()
     def step(self) -> None:
         """Sample one token for every running request, then run the model on them."""
-        logits = self._next
-        penalized = logits
-        if any(r.params.penalized for r in self.running):
-            penalized = torch.stack([apply_penalties(logits[i], r.params, r.prompt_ids, r.tokens)
-                                     if r.params.penalized else logits[i] for i, r in enumerate(self.running)])
-        tokens = sample(penalized, [r.params for r in self.running], [r.generator for r in self.running])
-        keep = []
-        for i, (r, token) in enumerate(zip(self.running, tokens.tolist())):
-            if self._expired(r):
-                continue
-            if r.first_token_at is None:
-                r.first_token_at = time.monotonic()
-            if token in self.eos:
-                if not self._emit(r, r.detokenizer.flush()):  # the held-back characters, then the end
-                    self._end(r, "stop")
-                continue
-            r.tokens.append(token)
-            if r.params.logprobs:
-                r.pending_logprobs.append((token, *token_logprobs(logits[i], token, r.params.top_logprobs)))
-            if self._emit(r, r.detokenizer.add(token)):  # a stop string ended it
-                continue
-            if len(r.tokens) >= r.params.max_tokens:
-                if not self._emit(r, r.detokenizer.flush()):
-                    self._end(r, "length")
-                continue
-            keep.append(i)
+        logits = self.batch.next_logits
+        tokens = sample(self._penalized(logits), [r.params for r in self.running], [r.generator for r in self.running])
+        keep = [i for i, (r, token) in enumerate(zip(self.running, tokens.tolist()))
+                if r.advance(token, logits[i], self.eos)]
         if len(keep) < len(self.running):
             if not keep:
-                self.running, self._cache = [], None
+                self.running, self.batch = [], None
                 return
             index = torch.tensor(keep, device=self.model.device)
-            self._cache.batch_select_indices(index)
-            self._mask, self._lengths, tokens = self._mask[index], self._lengths[index], tokens[index]
+            self.batch.keep(index)
+            tokens = tokens[index]
             self.running = [self.running[i] for i in keep]
-            self._trim()
-        device = self.model.device
-        self._mask = torch.cat([self._mask, torch.ones((len(keep), 1), dtype=self._mask.dtype, device=device)], -1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=self._mask, position_ids=self._lengths[:, None],
-                         past_key_values=self._cache, use_cache=True)
-        self._lengths = self._lengths + 1
-        self._next = out.logits[:, -1, :].float()
+        self.batch.decode(self.model, tokens)
         self.steps += 1
 
-    def _emit(self, r: Request, piece: str) -> bool:
-        """Add a decoded piece; send what is safe to show. True when a stop string ended the request."""
-        checked, r.text = len(r.text), r.text + piece
-        r.text, stopped = cut_at_stop(r.text, r.params.stop, checked)
-        if stopped:
-            self._end(r, "stop")
-            return True
-        safe = len(r.text) - held_back(r.text, r.params.stop)
-        if safe > r.sent:
-            r.send(Event(r.text[r.sent:safe], r.pending_logprobs))
-            r.sent, r.pending_logprobs = safe, []
-        return False
-
-    def _end(self, r: Request, reason: str, message: str = "") -> None:
-        if r.outcome is not None:
-            return
-        if reason in ("stop", "length") and len(r.text) > r.sent:
-            r.send(Event(r.text[r.sent:], r.pending_logprobs))
-            r.sent, r.pending_logprobs = len(r.text), []
-        r.outcome = Outcome(reason, len(r.prompt_ids), len(r.tokens), message)
-        r.send(Event(logprobs=r.pending_logprobs, outcome=r.outcome))
-
-    def _expired(self, r: Request) -> bool:
-        if r.cancelled.is_set():
-            self._end(r, "cancelled", "the request was cancelled.")
-            return True
-        if time.monotonic() - r.created > r.timeout_s:
-            self._end(r, "timeout", f"the request took longer than its {r.timeout_s:g} s timeout.")
-            return True
-        return False
-
-    def _trim(self) -> None:
-        """Drop cache columns that are padding for every remaining request."""
-        real = self._mask.any(0).nonzero()
-        start = int(real[0]) if len(real) else 0
-        if start > 0:
-            self._mask = self._mask[:, start:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-
-
-def _join(cache_a, mask_a, cache_b, mask_b):
-    """Stack two left-padded batches (KV caches and attention masks) into one."""
-    width = max(mask_a.shape[1], mask_b.shape[1])
-
-    def pad(t, n, dim):
-        if n == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = n
-        return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim)
-
-    pa, pb = width - mask_a.shape[1], width - mask_b.shape[1]
-    for la, lb in zip(cache_a.layers, cache_b.layers):
-        la.keys = torch.cat([pad(la.keys, pa, 2), pad(lb.keys, pb, 2)])
-        la.values = torch.cat([pad(la.values, pa, 2), pad(lb.values, pb, 2)])
-    return cache_a, torch.cat([pad(mask_a, pa, 1), pad(mask_b, pb, 1)])
+    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with each request's frequency, presence and repetition penalties (as they are without any)."""
+        if not any(r.params.penalized for r in self.running):
+            return logits
+        return torch.stack([apply_penalties(logits[i], r.params, r.prompt_ids, r.tokens)
+                            if r.params.penalized else logits[i] for i, r in enumerate(self.running)])

@@ -154,22 +154,35 @@ def _entry(token: int, logprobs: dict, top: int) -> tuple:
 
 
 class VLLMEngine:
-    """vLLM's async engine with the interface of `conch.serving.engine.Engine` (``generate``, ``shutdown``, load)."""
+    """vLLM's async engine with the interface of `conch.serving.engine.Engine` (``generate``, ``shutdown``, load).
 
-    def __init__(self, model_path: str | Path, max_batch_size: int = 16, max_queue: int = 64, reasoning: bool = False,
-                 **engine_args):
+    `from_model` starts vLLM's `AsyncLLM` for a model folder and builds the engine around it; the
+    constructor takes an engine client that already exists (``llm``: what ``generate``, ``shutdown``
+    and the generations call), with ``defaults`` (vLLM's sampling settings from the model, e.g.
+    top_k) and ``sampling`` (`conch.chat.model_sampling`'s temperature and top_p for what a request
+    leaves out)."""
+
+    def __init__(self, llm, max_batch_size: int = 16, max_queue: int = 64, defaults: dict | None = None,
+                 sampling: tuple = (0.0, 1.0), device: str = "cpu"):
+        self.llm, self.device = llm, device
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.defaults = {} if defaults is None else defaults
+        self.sampling = sampling
+        self.running: set[Generation] = set()
+        self.closing = False
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_model(cls, model_path: str | Path, max_batch_size: int = 16, max_queue: int = 64,
+                   reasoning: bool = False, **engine_args) -> VLLMEngine:
+        """Start vLLM's `AsyncLLM` on the model folder (``engine_args``: more of vLLM's engine arguments)."""
         require_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from .. import hub
 
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.running: set[Generation] = set()
-        self.closing = False
-        self._ids = itertools.count()
         device = hub.pick_device()
-        self.device = device.device
         args = dict(model=str(model_path), dtype=str(device.dtype).removeprefix("torch."),
                     max_num_seqs=max_batch_size, disable_log_stats=True)
         if device.device == "cpu":
@@ -177,11 +190,12 @@ class VLLMEngine:
             args.update(enforce_eager=True)  # vLLM's compile warm-up takes minutes on a CPU
         args["max_model_len"] = max_model_len(model_path)
         args.update(engine_args)
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
-        self.defaults = self.llm.model_config.get_diff_sampling_param()
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         config_file = Path(model_path) / "generation_config.json"
-        self.sampling = model_sampling(json.loads(config_file.read_text(encoding="utf-8"))
-                                       if config_file.exists() else {}, reasoning)
+        sampling = model_sampling(json.loads(config_file.read_text(encoding="utf-8"))
+                                  if config_file.exists() else {}, reasoning)
+        return cls(llm, max_batch_size, max_queue, defaults=llm.model_config.get_diff_sampling_param(),
+                   sampling=sampling, device=device.device)
 
     # -- the interface ----------------------------------------------------------------------------
 
@@ -265,4 +279,5 @@ def start(cfg) -> tuple:
 
     path = Path(cfg.model) if Path(cfg.model).is_dir() else hub.resolve(cfg.model).path
     tokenizer = hub.load_tokenizer(path)
-    return tokenizer, VLLMEngine(path, cfg.max_batch_size, cfg.max_queue, reasoning=is_reasoning_model(tokenizer))
+    return tokenizer, VLLMEngine.from_model(path, cfg.max_batch_size, cfg.max_queue,
+                                             reasoning=is_reasoning_model(tokenizer))

@@ -2,7 +2,8 @@
 
 ``router`` is built once, at import; its handlers find the `ChatService` in ``request.app.state.service``
 (set by the app's startup in `conch.serve.create_app`) and the API key in ``request.app.state.api_key``.
-Responses are the pydantic models of `conch.serving.protocol` (``response_model``: /docs shows them).
+Responses are the pydantic models of `conch.serving.protocol` (``response_model``: /docs shows them), and
+so are the errors each route can answer (``responses``: `ErrorResponse`, OpenAI's shape, for 4xx and 5xx).
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from .protocol import (APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, GenerateResponse, Health,
-                       Message, ModelList)
+from .protocol import (APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, ErrorResponse, GenerateResponse,
+                       Health, Message, ModelList)
 from .service import ChatService
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -21,6 +22,19 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 # the streamed answer, documented beside the JSON one (`document_stream` adds the chunk's schema)
 STREAM = {200: {"description": "the completion; with `stream: true`, server-sent events of `ChatCompletionChunk`",
                 "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}}}}
+
+
+# the errors a route can answer, documented with their body (the app's exception handlers send `ErrorResponse`)
+ERRORS = {400: "the request is invalid or over one of this server's limits; the message names the field",
+          401: "missing or wrong API key (a server started with --api_key)",
+          500: "the generation failed (or the knowledge folder could not be read)",
+          503: "the request queue is full or the server is shutting down; retry after `Retry-After` seconds",
+          504: "the request took longer than the server's request timeout"}
+
+
+def errors(*codes: int) -> dict:
+    """``responses`` entries for these error statuses: their description and the `ErrorResponse` body."""
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
 
 
 def service(request: Request) -> ChatService:
@@ -58,7 +72,7 @@ async def metrics(request: Request):
 
 
 @router.get("/v1/models", dependencies=[Depends(check_key)], response_model=ModelList,
-            response_model_exclude_unset=True)
+            response_model_exclude_unset=True, responses=errors(401))
 async def models(request: Request):
     chat = service(request)
     return {"object": "list", "data": [{"id": chat.cfg.served_model_name, "object": "model",
@@ -66,7 +80,7 @@ async def models(request: Request):
 
 
 @router.get("/generate", dependencies=[Depends(check_key)], response_model=GenerateResponse,
-            response_model_exclude_unset=True)
+            response_model_exclude_unset=True, responses=errors(400, 401, 500, 503, 504))
 async def generate(http: Request, prompt: str = Query(min_length=1, description="the user's question"),
                    max_new_tokens: int | None = Query(None, ge=1),
                    temperature: float | None = Query(None, ge=0, le=2),
@@ -83,7 +97,7 @@ async def generate(http: Request, prompt: str = Query(min_length=1, description=
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(check_key)], response_model=ChatCompletion,
-             response_model_exclude_unset=True, responses=STREAM)
+             response_model_exclude_unset=True, responses={**STREAM, **errors(400, 401, 500, 503, 504)})
 async def chat_completions(body: ChatRequest, http: Request):
     chat = service(http)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -2,23 +2,22 @@
 
 `ChatService` owns the config, model, tokenizer, knowledge base and engine:
 
-- `prepare`: check the request, retrieve (RAG), render the chat template and tokenize, the
-  blocking parts in a worker thread (``asyncio.to_thread``) so no stream stalls meanwhile;
+- `prepare` (a `PromptBuilder`): check the request, retrieve (RAG), render the chat template and
+  tokenize, the blocking parts in a worker thread (``asyncio.to_thread``) so no stream stalls meanwhile;
 - `submit`: hand it to the engine (a full queue is 503 with Retry-After);
 - `complete`: the whole answer, cancelled as soon as the client disconnects;
 - `stream`: server-sent events, reasoning and content apart, ending in ``[DONE]``.
 
-How a generation ended is an `conch.serving.engine.Outcome`, never a string to search: timeout is 504,
-an engine error 500, the server shutting down 503, a client that left 499.
+The bodies themselves are built in `conch.serving.responses`. How a generation ended is an
+`conch.serving.engine.Outcome`, never a string to search: timeout is 504, an engine error 500, the
+server shutting down 503, a client that left 499 (`outcome_error`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -26,12 +25,12 @@ from .. import chat
 from .engine import Engine, Generation, QueueFull, TextEngine
 from ..errors import ConchError
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, chunk, completion, logprobs_body, message_body, usage
-from ..reasoning import ReasoningStream, prompt_opens_think, split_reasoning
+from .protocol import APIError, ChatRequest, logprobs_body
+from ..reasoning import prompt_opens_think
+from .responses import ChunkStream, completion_body, finished_choices, outcome_error, sse
 from .sampling import SamplingParams
 
 DEFAULT_ANSWER_TOKENS = 512  # a request without max_tokens: this much answer (plus thinking for R1: chat.budget)
-STATUS = {"timeout": 504, "error": 500, "shutdown": 503, "cancelled": 499}
 
 
 @dataclass
@@ -45,26 +44,16 @@ class Prepared:
     submitted: float = 0.0
 
 
-def outcome_error(outcome) -> APIError:
-    """The HTTP error for a generation that did not end normally."""
-    status = STATUS[outcome.finish_reason]
-    return APIError(status, outcome.message or "the request did not finish.",
-                    "invalid_request_error" if status == 499 else "server_error",
-                    {"Retry-After": "2"} if status == 503 else None)
+class PromptBuilder:
+    """A request's messages and fields to a `Prepared`: the server's limits checked, the sampling
+    parameters (``sampling_defaults``, the engine's, fills in temperature and top_p), retrieval, the
+    chat template and the token ids."""
 
-
-class ChatService:
-    def __init__(self, cfg, model, tokenizer, knowledge=None, engine: TextEngine | None = None):
-        self.cfg, self.model, self.tokenizer, self.knowledge = cfg, model, tokenizer, knowledge
-        self.engine = engine or Engine(model, tokenizer, cfg.max_batch_size, cfg.max_queue)
-        # what a request without max_tokens gets: the model's budget (R1 thinks first), within the server's limit
-        self.default_max_tokens = min(cfg.default_max_tokens or chat.budget(tokenizer, DEFAULT_ANSWER_TOKENS),
-                                      cfg.max_tokens_limit)
-        self.metrics = Metrics(lambda: self.engine)
-        self.started = time.time()
-        self._rag_lock = threading.Lock()  # the knowledge base rebuilds its index in place
-
-    # -- prepare -------------------------------------------------------------------------------
+    def __init__(self, cfg, tokenizer, knowledge, default_max_tokens: int,
+                 sampling_defaults: Callable[[float | None, float | None], dict]):
+        self.cfg, self.tokenizer, self.knowledge = cfg, tokenizer, knowledge
+        self.default_max_tokens, self.sampling_defaults = default_max_tokens, sampling_defaults
+        self.rag_lock = threading.Lock()  # the knowledge base rebuilds its index in place
 
     async def prepare(self, messages: list[dict], body: ChatRequest) -> Prepared:
         cfg = self.cfg
@@ -86,23 +75,23 @@ class ChatService:
         if rag and self.knowledge is None:
             raise APIError(400, "this server has no knowledge folder; start it with --rag_dir data/knowledge "
                                 "to use rag, or leave 'rag' out.")
-        defaults = self.engine.sampling_defaults(body.temperature, body.top_p)
+        defaults = self.sampling_defaults(body.temperature, body.top_p)
         params = SamplingParams(max_tokens=max_tokens, temperature=defaults["temperature"] or 0.0,
                                 top_p=defaults.get("top_p") or 1.0, frequency_penalty=body.frequency_penalty,
                                 presence_penalty=body.presence_penalty, repetition_penalty=body.repetition_penalty,
                                 seed=body.seed, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
                                 stop=stops)
-        ids, opened, sources = await asyncio.to_thread(self._render, messages, rag)
+        ids, opened, sources = await asyncio.to_thread(self.render, messages, rag)
         return Prepared(ids, params, opened, sources, body.n)
 
-    def _render(self, messages: list[dict], rag: bool) -> tuple[list[int], bool, list[dict] | None]:
+    def render(self, messages: list[dict], rag: bool) -> tuple[list[int], bool, list[dict] | None]:
         """Blocking: retrieval (hashes the knowledge files), the chat template, the tokenizer."""
         sources = None
         if rag:
             from ..rag import with_context
 
             try:
-                with self._rag_lock:
+                with self.rag_lock:
                     messages, passages = with_context(messages, self.knowledge)
             except ConchError as e:  # e.g. the folder was emptied after startup
                 raise APIError(500, str(e), "server_error") from None
@@ -113,8 +102,26 @@ class ChatService:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return ids, prompt_opens_think(prompt), sources
 
-    # -- submit --------------------------------------------------------------------------------
 
+class ChatService:
+    def __init__(self, cfg, model, tokenizer, knowledge=None, engine: TextEngine | None = None):
+        self.cfg, self.model, self.tokenizer, self.knowledge = cfg, model, tokenizer, knowledge
+        self.engine = engine or Engine(model, tokenizer, cfg.max_batch_size, cfg.max_queue)
+        # what a request without max_tokens gets: the model's budget (R1 thinks first), within the server's limit
+        self.default_max_tokens = min(cfg.default_max_tokens or chat.budget(tokenizer, DEFAULT_ANSWER_TOKENS),
+                                      cfg.max_tokens_limit)
+        self.prompts = PromptBuilder(cfg, tokenizer, knowledge, self.default_max_tokens,
+                                     lambda temperature, top_p: self.engine.sampling_defaults(temperature, top_p))
+        self.metrics = Metrics(lambda: self.engine)
+        self.started = time.time()
+
+    # -- prepare -------------------------------------------------------------------------------
+
+    async def prepare(self, messages: list[dict], body: ChatRequest) -> Prepared:
+        """Check the request, retrieve, render and tokenize (`PromptBuilder.prepare`)."""
+        return await self.prompts.prepare(messages, body)
+
+    # -- submit --------------------------------------------------------------------------------
     def submit(self, prepared: Prepared) -> Prepared:
         """Start the request's ``n`` generations (seeds seed, seed+1, … so the choices differ)."""
         prepared.submitted = time.monotonic()
@@ -178,13 +185,7 @@ class ChatService:
         bad = next((o for o in outcomes if not o.ok), None)
         if bad is not None:
             raise outcome_error(bad)
-        choices = []
-        for i, (text, outcome) in enumerate(zip(texts, outcomes)):
-            reasoning, answer = split_reasoning(text, prepared.opened_think)
-            choices.append({"index": i, "text": text, "reasoning": reasoning, "answer": answer,
-                            "finish_reason": outcome.finish_reason, "outcome": outcome,
-                            "logprobs": self._logprobs(entries[i]) if prepared.params.logprobs else None})
-        return choices
+        return finished_choices(texts, entries, outcomes, prepared.opened_think, self._logprobs_for(prepared))
 
     async def _watch(self, prepared: Prepared, disconnected: Callable[[], Awaitable[bool]]) -> None:
         """Poll the connection independently of the tokens: a client that left frees its slot at once."""
@@ -192,70 +193,35 @@ class ChatService:
             await asyncio.sleep(0.1)
         self._cancel(prepared)
 
-    def _logprobs(self, entries: list) -> dict:
-        return logprobs_body(entries, lambda t: self.tokenizer.decode([t]))
+    def _logprobs_for(self, prepared: Prepared) -> Callable[[list], dict] | None:
+        """What turns a choice's logprob entries into the body; None when the request asked for none."""
+        if not prepared.params.logprobs:
+            return None
+        return lambda entries: logprobs_body(entries, lambda t: self.tokenizer.decode([t]))
 
     # -- stream --------------------------------------------------------------------------------
 
     async def stream(self, prepared: Prepared, body: ChatRequest) -> AsyncIterator[str]:
         """Server-sent events: a first chunk (role; RAG sources), deltas, finish chunks, usage, ``[DONE]``."""
-        cid, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", self.cfg.served_model_name
-        splitters = [ReasoningStream(prepared.opened_think) for _ in range(prepared.n)]
-        done = [0, 0]  # prompt and completion tokens of the finished choices
-
-        def sse(data: dict) -> str:
-            return "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
-
-        extra = {} if prepared.sources is None else {"sources": prepared.sources}
-        yield sse(chunk(cid, name, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None} for i in range(prepared.n)], **extra))
+        chunks = ChunkStream(self.cfg.served_model_name, prepared.n, prepared.opened_think,
+                             self._logprobs_for(prepared))
+        yield sse(chunks.first(prepared.sources))
         events = self._events(prepared)
         try:
             async for i, event in events:
-                for piece in self._stream_event(i, event, splitters, done, prepared, cid, name):
+                for piece in chunks.chunks(i, event):
                     yield sse(piece)
                 if event.outcome is not None and not event.outcome.ok:
                     return
         finally:
             await events.aclose()
         if body.stream_options and body.stream_options.include_usage:
-            yield sse(chunk(cid, name, [], usage=usage(*done)))
+            yield sse(chunks.usage())
         yield "data: [DONE]\n\n"
-
-    def _stream_event(self, i, event, splitters, done, prepared, cid, name) -> list[dict]:
-        """The chunks for one engine event of choice ``i``."""
-        outcome, out = event.outcome, []
-        if outcome is not None and not outcome.ok:
-            error = outcome_error(outcome)
-            return [{"error": {"message": error.message, "type": error.kind, "code": error.status}}]
-        reasoning, content = splitters[i].feed(event.text, final=outcome is not None)
-        delta = {}
-        if reasoning:
-            delta["reasoning_content"] = delta["reasoning"] = reasoning
-        if content:
-            delta["content"] = content
-        if delta or event.logprobs:
-            choice = {"index": i, "delta": delta, "finish_reason": None}
-            if prepared.params.logprobs:
-                choice["logprobs"] = self._logprobs(event.logprobs)
-            out.append(chunk(cid, name, [choice]))
-        if outcome is not None:
-            out.append(chunk(cid, name, [{"index": i, "delta": {}, "finish_reason": outcome.finish_reason}]))
-            done[0], done[1] = outcome.prompt_tokens, done[1] + outcome.completion_tokens
-        return out
 
     def reply(self, choices: list[dict], sources: list | None) -> dict:
         """The ``chat.completion`` body for finished choices."""
-        out = []
-        for c in choices:
-            choice = {"index": c["index"], "message": message_body(c["answer"], c["reasoning"]),
-                      "finish_reason": c["finish_reason"]}
-            if c["logprobs"] is not None:
-                choice["logprobs"] = c["logprobs"]
-            out.append(choice)
-        prompt = choices[0]["outcome"].prompt_tokens
-        used = usage(prompt, sum(c["outcome"].completion_tokens for c in choices))
-        return completion(f"chatcmpl-{uuid.uuid4().hex[:24]}", self.cfg.served_model_name, out, used, sources)
+        return completion_body(choices, sources, self.cfg.served_model_name)
 
     def health(self) -> dict:
         body = {"status": "ok", "model": self.cfg.served_model_name, "device": self.engine.device,
