@@ -35,11 +35,12 @@ def setup():
 
     from conch import device as dev
     from conch import hub, train
+    from conch.device import Device
     from conch.data import build_examples, collator
 
     dev.set_threads(args.threads)
     resolved = hub.resolve(args.model)
-    model, tok = hub.load_model(resolved.path, hub.Device("cpu", torch.float32, "bench"), for_training=True)
+    model, tok = hub.load_model(resolved.path, Device("cpu", torch.float32, "bench"), for_training=True)
     model.config.use_cache = False
     cfg = train.TrainConfig(lora_dropout=0.0)
     model = train.add_lora(model, cfg)

@@ -20,14 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from conch import hub, rag
+from conch import paths, rag
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--knowledge", default=str(hub.repo_root() / "data/knowledge"))
-    parser.add_argument("--eval", default=str(hub.repo_root() / "data/knowledge_eval.json"))
-    parser.add_argument("--heldout", default=str(hub.repo_root() / "data/knowledge_eval_heldout.json"))
+    parser.add_argument("--knowledge", default=str(paths.repo_root() / "data/knowledge"))
+    parser.add_argument("--eval", default=str(paths.repo_root() / "data/knowledge_eval.json"))
+    parser.add_argument("--heldout", default=str(paths.repo_root() / "data/knowledge_eval_heldout.json"))
     parser.add_argument("--rounds", type=int, default=20, help="passes over the eval questions")
     args = parser.parse_args()
 

@@ -64,7 +64,7 @@ parser.add_argument("--length-tokenizer", default="demo",
 parser.add_argument("--length-scale", type=float, default=1.0,
                     help="synthetic data: multiply every length (4 makes cutoff 1024 matter)")
 parser.add_argument("--seed", type=int, default=42)
-parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: conch.hub.set_threads)")
+parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: conch.device.set_threads)")
 parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak for MFU (default: by name)")
 parser.add_argument("--profile", default=None, help="a run to profile with torch.profiler for 2 steps")
 parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -180,9 +180,10 @@ def run_one(run: Run) -> Result:
     from transformers import Trainer, TrainerCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from conch import data, hub, train, trainkit
+    from conch import data, train, trainkit
+    from conch.device import pick_device
 
-    device = hub.pick_device()
+    device = pick_device()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not run.cudnn_sdpa:

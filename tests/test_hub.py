@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conch import hub
+from conch import hub, paths
 from conch.errors import ConchError
 
 
@@ -144,7 +144,7 @@ def test_a_download_is_recorded_and_found_without_the_network(monkeypatch, tmp_p
     again = hub.resolve("org/model")  # no cache_dir given: the settings file knows the folder
     assert again.path == first.path and len(calls) == 1
     assert str(first.path) in again.why and "conch_settings.yaml" in again.why
-    assert f"found at {hub.shown(first.path)}" in capsys.readouterr().out
+    assert f"found at {paths.shown(first.path)}" in capsys.readouterr().out
 
 
 def test_an_incomplete_recorded_folder_is_downloaded_again(monkeypatch, tmp_path, fake_snapshot_download):
@@ -191,8 +191,8 @@ def test_shown_paths_are_relative_to_where_the_learner_is(tmp_path, monkeypatch)
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert hub.shown(tmp_path / "repo" / "models" / "demo") == "models/demo"
-    assert hub.shown("outputs/x") == "outputs/x"
-    assert hub.shown(tmp_path / "repo") == "."
-    assert hub.shown(tmp_path / "home" / "autodl-tmp" / "m") == "~/autodl-tmp/m"
-    assert hub.shown("/elsewhere/m") == "/elsewhere/m"
+    assert paths.shown(tmp_path / "repo" / "models" / "demo") == "models/demo"
+    assert paths.shown("outputs/x") == "outputs/x"
+    assert paths.shown(tmp_path / "repo") == "."
+    assert paths.shown(tmp_path / "home" / "autodl-tmp" / "m") == "~/autodl-tmp/m"
+    assert paths.shown("/elsewhere/m") == "/elsewhere/m"

@@ -39,7 +39,7 @@ def test_the_cpu_run_as_llamafactory_keys(tmp_path, monkeypatch):
         "dataset": "magic_conch", "cutoff_len": 1024, "val_size": 0.1, "learning_rate": 1e-3,
         "num_train_epochs": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
         "max_grad_norm": 1.0, "lr_scheduler_type": "constant_with_warmup", "weight_decay": 0.0,
-        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "seed": 42, "logging_steps": 4, "eval_steps": 23,
+        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "seed": 42, "logging_steps": 4, "eval_steps": 23,
         "save_steps": 46, "save_total_limit": 3, "eval_strategy": "steps", "per_device_eval_batch_size": 4,
         "warmup_ratio": 0.05, "bf16": False, "fp16": False, "disable_gradient_checkpointing": True,
         "plot_loss": True, "report_to": "none", "dataloader_num_workers": 0,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conch import data, hub, train, trainkit
+from conch.device import Device
 from conch.errors import ConchError
 
 
@@ -77,7 +78,7 @@ def test_the_head_at_labelled_positions_gives_the_full_loss(tiny_trainable, smal
     """conch.loss: the LM head only where a label is set, the same loss as transformers' full computation."""
     from conch.loss import labelled_forward
 
-    model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
+    model, tok = hub.load_model(tiny_trainable, Device("cpu", torch.float32, "test"))
     model.config.use_cache = False
     examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:6]
     batch = data.collator(tok, packing=packing)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
@@ -97,7 +98,7 @@ def test_the_labelled_loss_is_scaled_as_transformers_scales_its_own(tiny_trainab
     number, as transformers does for its own loss."""
     import accelerate
 
-    model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
+    model, tok = hub.load_model(tiny_trainable, Device("cpu", torch.float32, "test"))
     model.config.use_cache = False
     cfg = config(tiny_trainable, small_data, tmp_path / "scaled")
     examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:4]
@@ -118,7 +119,7 @@ def test_the_labelled_loss_is_scaled_as_transformers_scales_its_own(tiny_trainab
 def test_answer_loss_of_evaluate_uses_the_same_masking(tiny_trainable, small_data):
     from conch import evaluate
 
-    model, tok = hub.load_model(tiny_trainable, hub.Device("cpu", torch.float32, "test"))
+    model, tok = hub.load_model(tiny_trainable, Device("cpu", torch.float32, "test"))
     examples = data.build_examples(tok, "small", small_data, cutoff_len=256)[:5]
     batch = data.collator(tok, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     with torch.no_grad():

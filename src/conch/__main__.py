@@ -47,11 +47,12 @@ def _cmd_settings(args, cfg):
 
 
 def _cmd_chat(args, cfg):
-    from . import chat, hub
+    from . import chat
+    from .device import pick_device
 
     model, tokenizer = chat.load(args.model, args.adapter)
     print(f"model: {args.model}" + (f" + adapter {args.adapter}" if args.adapter else "") +
-          f" on {hub.pick_device()}")
+          f" on {pick_device()}")
     gen = chat.GenConfig(max_new_tokens=args.max_new_tokens, answer_tokens=512, temperature=args.temperature)
     if args.question:
         reply = chat.generate(model, tokenizer, args.question, gen, system=args.system)

@@ -499,6 +499,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     import torch
 
     from . import chat, data, hub
+    from .device import Device, pick_device
 
     started = time.time()
     if cfg.format != "gguf":
@@ -547,8 +548,8 @@ def export(cfg: ExportConfig) -> ExportResult:
               f"merged model and each GGUF ...", flush=True)
         gen = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
         # both sides in float32 (transformers dequantizes a GGUF to it), so the drift is the GGUF's alone
-        device = hub.pick_device().device
-        model, _ = hub.load_model(merged, hub.Device(device, torch.float32, "the GGUF check"))
+        device = pick_device().device
+        model, _ = hub.load_model(merged, Device(device, torch.float32, "the GGUF check"))
         reference, ref_logits = _answers_and_logits(model, tokenizer, prompts, None, gen, cfg.batch_size)
         del model
         checks = []

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import settings
-from .device import Device, pick_device, set_threads  # noqa: F401  (the notebooks' hub.pick_device)
+from .device import Device, pick_device
 from .errors import ConchError
-from .paths import models_dir, repo_root, shown, staged  # noqa: F401  (the notebooks' hub.repo_root, hub.shown)
+from .paths import models_dir, shown, staged
 
 TARGET_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 DEMO = "demo"

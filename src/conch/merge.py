@@ -171,13 +171,14 @@ def merge(cfg: MergeConfig) -> MergeResult:
     from transformers import AutoModelForCausalLM
 
     from . import hub
+    from .device import Device, pick_device
 
     started = time.time()
     adapter = Path(cfg.adapter)
     if not (adapter / "adapter_config.json").exists():
         raise ConchError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json); train first "
                          "or pass the training output_dir.")
-    device = hub.pick_device()
+    device = pick_device()
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if cfg.dtype == "auto":
         dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(device.dtype, "fp32")
@@ -187,7 +188,7 @@ def merge(cfg: MergeConfig) -> MergeResult:
         raise ConchError(f"dtype must be auto, bf16, fp16 or fp32, got '{cfg.dtype}'.")
     base_path = hub.resolve(cfg.base_model).path
     # merged and verified in fp32 (the 1.5B: 7 GB), whatever it is saved in
-    model, tokenizer = hub.load_model(base_path, hub.Device(device.device, torch.float32, "merge in fp32"))
+    model, tokenizer = hub.load_model(base_path, Device(device.device, torch.float32, "merge in fp32"))
     if is_quantized(model):
         raise ConchError(f"{base_path} is quantized; merging into quantized weights would lose the adapter's "
                          "precision: load the unquantized base model (as LLaMA-Factory requires) and merge again.")

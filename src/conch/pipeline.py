@@ -55,12 +55,13 @@ def train_config_for(cfg: RunConfig):
 def run(cfg: RunConfig) -> dict:
     """Run every stage; returns what each produced."""
     from . import chat, evaluate, hub, merge, train
+    from .device import pick_device
 
     started = time.time()
     _banner("1/5 base model")
     tcfg = train_config_for(cfg)
     resolved = hub.resolve(tcfg.base_model)
-    device = hub.pick_device()
+    device = pick_device()
     print(f"model:  {resolved.name}\nfolder: {resolved.path}\nwhy:    {resolved.why}\ndevice: {device}")
     t0 = time.time()
     model, tokenizer = hub.load_model(resolved.path, device)

@@ -246,12 +246,12 @@ def resume_point(setting: str | None, output_dir: Path) -> Path | str | None:
 def training_device(base_model: str, compute_type: str):
     """(the resolved base model, the device with the training dtype, the compute type's name)."""
     from . import hub
-    from .device import pick_device
+    from .device import Device, pick_device
 
     resolved = hub.resolve(base_model)
     device = pick_device()
     compute_type, dtype = dtype_flags(compute_type, device)
-    return resolved, hub.Device(device.device, dtype, device.why), compute_type
+    return resolved, Device(device.device, dtype, device.why), compute_type
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:

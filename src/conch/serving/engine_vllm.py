@@ -180,9 +180,9 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from .. import hub
+        from ..device import pick_device
 
-        device = hub.pick_device()
+        device = pick_device()
         args = dict(model=str(model_path), dtype=str(device.dtype).removeprefix("torch."),
                     max_num_seqs=max_batch_size, disable_log_stats=True)
         if device.device == "cpu":
