@@ -78,7 +78,8 @@ def found(pattern: str, text: str, where: str) -> re.Match:
 
 
 def clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{round(seconds % 60):02d}"
+    whole = round(seconds)  # 1439.6 s is 24:00, not 23:60
+    return f"{whole // 60}:{whole % 60:02d}"
 
 
 def wall_time(name: str) -> tuple[float, float, str]:
