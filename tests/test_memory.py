@@ -96,3 +96,34 @@ def test_the_estimate_is_a_lower_bound_of_the_measured_h100_peak():
     e = memory.estimate(R1_1_5B, "lora_bf16", batch_size=8, seq_len=517, lora_rank=8)
     assert e.total / GiB < 19.83 < 33.93
     assert "lower bound" in memory.estimate.__doc__ and "lower bound" in memory.__doc__
+
+
+def test_shape_from_a_transformers_config_counts_what_the_model_has():
+    import transformers
+
+    qwen = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    llama = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    for config, bias in ((qwen, True), (llama, False)):
+        shape = memory.ModelShape.from_config(config)
+        assert shape.qkv_bias is bias and shape.tied_embeddings is config.tie_word_embeddings
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        assert memory.count_params(shape) == model.num_parameters()
+
+
+def test_lora_estimate_in_float32_doubles_the_base_and_the_activations():
+    n = memory.count_params(R1_1_5B)
+    bf16 = memory.lora_estimate(R1_1_5B, 4, 128, 8)
+    fp32 = memory.lora_estimate(R1_1_5B, 4, 128, 8, float32=True)
+    assert bf16 == memory.estimate(R1_1_5B, "lora_bf16", 4, 128, 8)
+    assert fp32.weights - bf16.weights == 2 * n and fp32.activations == 2 * bf16.activations
+    assert (fp32.gradients, fp32.optimizer, fp32.logits) == (bf16.gradients, bf16.optimizer, bf16.logits)
+
+
+def test_measured_peak_reads_the_device_that_trained():
+    assert memory.measured_peak({"gpu_allocated_gb": 1.0, "gpu_peak_gb": 20.5, "gpu_total_gb": 24.0}) == (
+        20.5, "the GPU's peak allocated memory")
+    assert memory.measured_peak({"cpu_peak_rss_gb": 3.2}) == (3.2, "this process's peak RSS")
+    with pytest.raises(ValueError, match="no peak in the memory report"):
+        memory.measured_peak({})

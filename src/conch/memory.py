@@ -42,7 +42,7 @@ with liger-kernel's fused loss, which drops the fp32 logits). Plan with a measur
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 GiB = 2**30
 
@@ -105,6 +105,17 @@ class ModelShape:
     @classmethod
     def deepseek_r1_distill_qwen_1_5b(cls) -> "ModelShape":
         return DEEPSEEK_R1_DISTILL_QWEN_1_5B
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        """The shape of a loaded model from its transformers config (Qwen2 has q/k/v biases; Llama says
+        whether it has them in ``attention_bias``)."""
+        bias = getattr(config, "attention_bias", None)
+        return cls(vocab=config.vocab_size, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                   layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                   tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                   qkv_bias=config.model_type == "qwen2" if bias is None else bool(bias))
 
 
 DEEPSEEK_R1_DISTILL_QWEN_1_5B = ModelShape(
@@ -206,6 +217,27 @@ def estimate(shape: ModelShape, method: str, batch_size: int = 2, seq_len: int =
         frozen = NF4_BYTES * groups["linear"] + 2 * (n - groups["linear"])
     # adapters are trained in fp32: weight 4 + grad 4 + Adam 8 = 16 bytes each
     return MemoryEstimate(method, frozen + 4 * t, 4 * t, 8 * t, acts, logits)
+
+
+def lora_estimate(shape: ModelShape, batch_size: int, seq_len: int, lora_rank: int = 8,
+                  float32: bool = False) -> MemoryEstimate:
+    """LoRA training memory as the run trains: the base in bf16 (a GPU, a CPU with native bf16), or with
+    ``float32`` the base weights at 4 bytes and every activation at twice bf16's (a CPU without bf16)."""
+    e = estimate(shape, "lora_bf16", batch_size, seq_len, lora_rank)
+    if not float32:
+        return e
+    return replace(e, method="lora_fp32", weights=e.weights + 2 * count_params(shape), activations=2 * e.activations)
+
+
+def measured_peak(report: dict) -> tuple[float, str]:
+    """The peak of a training run's memory report (``trainkit.memory_report``: what ``train.fit`` returns as
+    ``memory``), in GiB, and what it is: on a GPU the memory torch allocated there, on a CPU the process's peak
+    RSS. An estimate is compared with the memory of the device that trained, never with host RAM on a GPU run."""
+    if "gpu_peak_gb" in report:
+        return report["gpu_peak_gb"], "the GPU's peak allocated memory"
+    if "cpu_peak_rss_gb" in report:
+        return report["cpu_peak_rss_gb"], "this process's peak RSS"
+    raise ValueError(f"no peak in the memory report {report}: expected gpu_peak_gb or cpu_peak_rss_gb")
 
 
 def memory_table(shape: ModelShape = DEEPSEEK_R1_DISTILL_QWEN_1_5B, batch_size: int = 2,

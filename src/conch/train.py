@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import as_ordered_dict
@@ -82,6 +82,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     plot_path: Path | None
+    memory: dict = field(default_factory=dict)  # trainkit.memory_report after training: GPU peak, or CPU peak RSS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def fit(trainer, cfg: TrainConfig, resolved, resume=None) -> TrainResult:
               + f"\nmemory: {memory}\nadapter saved to {output_dir}", flush=True)
     else:
         history = []
-    return TrainResult(output_dir, metrics, history, trainable, total, plot_path)
+    return TrainResult(output_dir, metrics, history, trainable, total, plot_path, memory)
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
