@@ -1,7 +1,8 @@
 """Figures the texts restate agree with the one place each comes from.
 
 The READMEs, docs/benchmarks.md and the notebooks' markdown (both languages) repeat a few facts: how many
-records train, how many tokens that is, the H100's training speed, how long each notebook ran. Each fact below
+records train, how many tokens that is, the H100's training speed, how long each notebook ran, how long
+`make run`, `make test` (from a fresh clone) and `make check` took (as docs/benchmarks.md records them). Each fact below
 has ONE source, computed from the repository (the data, a saved notebook output, the cell timestamps nbconvert
 saves, a table of docs/benchmarks.md), and a list of places that restate it, each a regex whose group ``v``
 is the figure (and ``u`` its unit, for times). A restated figure passes when it is the source rounded the way
@@ -167,6 +168,38 @@ def bf16_drift() -> tuple[float, str]:
     return float(m[1]), f"{nb_path('06')}'s saved output 'relative logit drift {m[1]}' (merged, cast to bf16)"
 
 
+def benchmarks_figure(pattern: str, what: str) -> str:
+    """A figure of docs/benchmarks.md (group 1 of ``pattern``), where the make targets' times are recorded."""
+    return found(pattern, (ROOT / "docs/benchmarks.md").read_text(encoding="utf-8"), f"docs/benchmarks.md ({what})")[1]
+
+
+def make_run_time() -> tuple[float, float, str]:
+    s = int(benchmarks_figure(r"\*\*`make run`\*\*[^:]*: (\d+) s = ", "make run"))
+    return s, s, f"docs/benchmarks.md: `make run` {s} s"
+
+
+def make_test_clock() -> str:
+    """The fresh-clone `make test` of the test-lane table's last bold row (the current layout), as m:ss."""
+    rows = re.findall(r"\n\| \*\*[^|]* \| \*\*(\d+:\d\d)\*\* \|", (ROOT / "docs/benchmarks.md").read_text(
+        encoding="utf-8"))
+    assert rows, "docs/benchmarks.md: no bold row with the fresh-clone `make test` time (its test-lane table)"
+    return rows[-1]
+
+
+def make_test_time() -> tuple[float, float, str]:
+    m, s = make_test_clock().split(":")
+    return int(m) * 60 + int(s), int(m) * 60 + int(s), f"docs/benchmarks.md's test-lane table: {make_test_clock()}"
+
+
+def make_test_seconds() -> tuple[int, str]:
+    return make_test_time()[0], f"docs/benchmarks.md's test-lane table: {make_test_clock()}"
+
+
+def make_check_time() -> tuple[float, float, str]:
+    s = int(benchmarks_figure(r"`make check` \([^)]*\): (\d+) s wall", "make check"))
+    return s, s, f"docs/benchmarks.md: `make check` {s} s"
+
+
 # ---------------------------------------------------------------------------------------------
 # the places that restate them
 
@@ -285,6 +318,24 @@ FACTS = [
     Fact("the eleven notebooks in one run", all_notebooks_time, "time", [
         Claim("README.md", r"all eleven in one run on a quiet machine, (?P<v>[\d.]+) (?P<u>min) in all"),
         Claim("README_zh.md", r"一次跑完，总共 (?P<v>[\d.]+) ?(?P<u>分钟)"),
+    ]),
+    Fact("`make run` on a quiet 2-core CPU", make_run_time, "time", [
+        Claim("README.md", r"over HTTP: (?P<v>[\d.]+) (?P<u>minutes) on a quiet 2-core CPU"),
+        Claim("README.md", r"measured \d{4}-\d\d-\d\d: (?P<v>\d+) (?P<u>s), float32"),
+        Claim("README_zh.md", r"用演示模型（demo）实测 (?P<v>[\d.]+) ?(?P<u>分钟)（不含安装"),
+        Claim("README_zh.md", r"\d{4}-\d\d-\d\d：(?P<v>\d+) ?(?P<u>秒)，float32"),
+    ]),
+    Fact("`make test` from a fresh clone", make_test_time, "time", [
+        Claim("README.md", r"From a fresh clone `make test` took (?P<v>\d+) (?P<u>minutes)"),
+        Claim("README_zh.md", r"`make test` 在自动测试（CI）用的 2 核机器上用了 (?P<v>\d+) ?(?P<u>分钟)"),
+    ]),
+    Fact("`make test` from a fresh clone, in seconds", make_test_seconds, "count", [
+        Claim("README.md", r"`make test` alone; measured \d{4}-\d\d-\d\d: (?P<v>[\d,]+) s"),
+        Claim("README_zh.md", r"`make test`；\d{4}-\d\d-\d\d 实测：\s*(?P<v>\d+) 秒"),
+    ]),
+    Fact("`make check` on 2 cores", make_check_time, "time", [
+        Claim("README.md", r"converter: (?P<v>\d+) (?P<u>s) on 2 cores"),
+        Claim("README_zh.md", r"转换器的测试：在 2 核机器上 (?P<v>\d+) ?(?P<u>秒)"),
     ]),
     Fact("notebook 04's held-out identity answers", identity_hits, "text", [
         Claim("04", r"上面保存的这次是 (?P<v>\d+/\d+)"),
