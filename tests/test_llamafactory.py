@@ -49,6 +49,11 @@ def test_the_cpu_run_as_llamafactory_keys(tmp_path, monkeypatch):
 
     assert yaml.safe_load(path.read_text()) == values
     assert llamafactory.command(path) == f".venv-lf/bin/llamafactory-cli train {path}"
+    # notebook 04's table: what LF's YAML sets for each field, folders shown relative to the working directory
+    assert llamafactory.lf_settings("learning_rate", values) == "learning_rate: 0.001"
+    assert llamafactory.lf_settings("compute_type", values) == "bf16: False, fp16: False"
+    assert llamafactory.lf_settings("output_dir", values) == "output_dir: outputs/magic_conch_lora"
+    assert llamafactory.lf_settings("max_samples", values) == "(LF's default)"
 
 
 def test_r1_settings(tmp_path, monkeypatch):

@@ -49,6 +49,15 @@ def lf_keys(field: str) -> tuple[str, ...]:
     return CONVERTED.get(field, ())
 
 
+def lf_settings(field: str, values: dict) -> str:
+    """What LF's YAML ``values`` (``llamafactory_config``) set for a TrainConfig ``field``: "key: value, ..." with
+    folders and files as ``paths.shown`` prints them, or "(LF's default)" where the YAML leaves it to LF."""
+    from .paths import shown
+
+    return ", ".join(f"{k}: {shown(values[k]) if k.endswith(('_dir', '_path')) else values[k]}"
+                     for k in lf_keys(field) if k in values) or "(LF's default)"
+
+
 # LF's chat templates (llamafactory/data/template.py) for the models this project trains
 TEMPLATES = {"deepseekr1": "DeepSeek-R1-Distill (R1's <｜User｜>/<｜Assistant｜> template, with the think block)",
              "smollm2": "SmolLM2-Instruct, the demo model (ChatML with SmolLM's default system prompt)"}
