@@ -46,7 +46,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import as_ordered_dict
 from .errors import ConchError
 from .style import StyleScore, style_score
 from .trainkit import (SharedConfig, clock, config_yaml, in_notebook, load_base_model, lora_config, memory_report,
@@ -296,7 +295,7 @@ def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
               f"data: {len(pairs)} preference pairs, beta={cfg.beta}, loss={cfg.loss_type}"
               + (f" + {cfg.sft_weight:g} x SFT loss on the chosen answers" if cfg.sft_weight else "")
               + (f"\nresuming from {resume}" if resume else ""), flush=True)
-        (output_dir / "dpo_config.yaml").write_text(config_yaml(as_ordered_dict(cfg)))
+        (output_dir / "dpo_config.yaml").write_text(config_yaml(cfg))
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import as_ordered_dict
 from .data import collator
 from .trainkit import (SharedConfig, clock, config_yaml, load_base_model, lora_config, memory_report, plot_loss,
                        plot_mode, progress_callback, read_log, resume_point, save_adapter_atomically,
@@ -174,7 +173,7 @@ def fit(trainer, cfg: TrainConfig, resolved, resume=None) -> TrainResult:
     main = trainer.is_world_process_zero()
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.yaml").write_text(config_yaml(as_ordered_dict(cfg)))
+        (output_dir / "train_config.yaml").write_text(config_yaml(cfg))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - started

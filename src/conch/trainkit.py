@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import as_ordered_dict
 from .device import CoreWatch
 from .errors import ConchError
 from .paths import staged
@@ -324,7 +325,9 @@ def save_adapter_atomically(trainer, output_dir: Path) -> None:
         trainer.save_model(str(tmp))
 
 
-def config_yaml(values: dict) -> str:
+def config_yaml(cfg) -> str:
+    """A stage's config as the YAML saved beside its output (train_config.yaml, dpo_config.yaml): its own fields
+    first, as ``--help`` lists them (``config.as_ordered_dict``), loadable again with ``--config``."""
     import yaml
 
-    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(as_ordered_dict(cfg), sort_keys=False, allow_unicode=True)
