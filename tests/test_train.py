@@ -43,7 +43,8 @@ def config(model, small_data, out, **kw):
 
 
 def test_lora_training_lowers_the_loss_and_writes_everything(tiny_trainable, small_data, tmp_path):
-    result = train.train(config(tiny_trainable, small_data, tmp_path / "run"))
+    cfg = config(tiny_trainable, small_data, tmp_path / "run")
+    result = train.train(cfg)
     losses = [h["loss"] for h in result.log_history if h.get("loss") is not None]
     assert losses[-1] < 0.6 * losses[0], losses
     assert 0 < result.trainable_params < 0.5 * result.total_params
@@ -55,6 +56,12 @@ def test_lora_training_lowers_the_loss_and_writes_everything(tiny_trainable, sma
     log = trainkit.read_log(out)
     assert log[-1]["current_steps"] == 30 and any(h.get("eval_loss") for h in log)
     assert json.loads((out / "train_results.json").read_text())["trainable_params"] == result.trainable_params
+    assert result.memory == json.loads((out / "train_results.json").read_text())["memory"]
+    # the saved config starts with the stage's own fields and loads again as a --config file
+    assert (out / "train_config.yaml").read_text().startswith("base_model: ")
+    from conch.config import load_config
+
+    assert load_config(train.TrainConfig, [out / "train_config.yaml"]) == cfg
 
 
 def test_packed_loss_equals_padded_loss(tiny_trainable, small_data):
