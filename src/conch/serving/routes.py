@@ -109,12 +109,19 @@ async def chat_completions(body: ChatRequest, http: Request):
 
 
 def document_stream(app) -> None:
-    """Put `ChatCompletionChunk` (which no route returns as JSON) into the app's OpenAPI components."""
+    """Put `ChatCompletionChunk` (which no route returns as JSON) into the app's OpenAPI components, and take out
+    FastAPI's own 422 entries: the app answers a request it cannot validate with a 400 and `ErrorResponse`
+    (OpenAI's shape, documented on each route), never with FastAPI's `HTTPValidationError`."""
     build = app.openapi
 
     def openapi():
         if app.openapi_schema is None:
             schema = build()
+            for methods in schema.get("paths", {}).values():
+                for operation in methods.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
             chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
             found = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in chunk.pop("$defs", {}).items():
