@@ -22,7 +22,7 @@ ifneq ($(AUTODL),)
 export PIP_CACHE_DIR ?= $(AUTODL)/.cache/pip
 endif
 
-.PHONY: run test check notebooks lab setup kernel widgets system-deps browser examples vllm llamafactory gguf-converter clean-models clean
+.PHONY: run test check notebooks lab setup kernel widgets bench-lf system-deps browser examples vllm llamafactory gguf-converter clean-models clean
 
 run: $(STAMP)
 	$(FAST_MALLOC) $(PY) -m conch run
@@ -223,6 +223,11 @@ $(LF_STAMP): tools/torchaudio_standin/__init__.py
 	$(LF_PY) -c "import torch, llamafactory.train.tuner; print('llamafactory', llamafactory.__version__, 'on torch', \
 		torch.__version__, 'ready in $(LF_VENV)')"
 	touch $(LF_STAMP)
+
+# LLaMA-Factory 0.9.5 and conch trained one after the other on the same data, model and LoRA settings (a quiet
+# machine; about half an hour on 2 CPU cores): bench/vs_llamafactory.py, its table in docs/benchmarks.md
+bench-lf: $(STAMP) $(LF_STAMP)
+	$(FAST_MALLOC) $(PY) bench/vs_llamafactory.py $(BENCH_ARGS)
 
 clean-models:
 	rm -rf models

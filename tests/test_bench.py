@@ -86,3 +86,18 @@ def test_r1_arch_tokenizer_decodes_every_id():
     assert prompt.endswith("<｜Assistant｜><think>\n")
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     assert max(ids) < r1_arch.VOCAB and tok.decode(ids) == prompt
+
+
+def test_vs_llamafactory_runs_conch_and_says_why_a_run_is_skipped(tmp_path):
+    """The LF runs themselves are docs/benchmarks.md's (LF's CLI is tested in tests/test_llamafactory.py)."""
+    from conch import device
+
+    stdout = run("vs_llamafactory.py", "--runs", "lf-bf16", "conch", "--max_steps", "2", "--threads", "1",
+                 "--out", str(tmp_path))
+    rows = {r["run"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    conch = rows["conch"]
+    assert conch["train_runtime_s"] > 0 and conch["train_loss"] > 0 and conch["peak_rss_gib"] > 0.3
+    assert conch["identity"] is None  # not judged after 2 steps
+    if not device.cpu_has_bf16():
+        assert "no native bf16" in rows["lf-bf16"]["skipped"]
+    assert "| conch |" in stdout
