@@ -110,6 +110,9 @@ def test_threads_follow_the_free_cores_during_a_run(monkeypatch):
     assert dev.loads_between([(0, 0, 0), (0, 0, 0)]) == []  # the counters did not move: no window
     assert dev.follow_free_cores(1, [0.0, 0.0, 0.0]) == 2  # the other job finished
     assert dev.follow_free_cores(1, [0.0, 1.0, 0.0]) == 1  # busy in one window: not free on end, stay
+    assert dev.follow_free_cores(1, [0.02, 0.0, 0.03]) == 2  # a quiet machine's background (measured: 0.00-0.02)
+    assert dev.follow_free_cores(1, [0.6, 0.0, 0.0]) == 1  # more than half a core taken in one window: stay
+    assert dev.follow_free_cores(2, [0.02, 0.03, 0.01]) == 2
     assert dev.follow_free_cores(2, [1.0, 1.0, 1.0]) == 1  # another job took a core back in every window: give it back
     assert dev.follow_free_cores(2, [1.0, 0.0, 0.0]) == 2  # a burst: keep both
     assert dev.follow_free_cores(2, []) == 2  # no readings: keep

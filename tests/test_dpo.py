@@ -203,3 +203,29 @@ def test_trl_prompt_completion_boundary_on_the_real_r1_tokenizer(r1_real_tokeniz
         assert tok.decode(full[boundary:]).startswith("\n\n</think>\n\n" + pair.chosen[:4])
     else:
         assert boundary == len(prompt_ids) and tok.decode(full[boundary:]).startswith("<think>\n\n</think>\n\n")
+
+
+def test_the_lm_head_scores_labelled_positions_only_with_the_same_numbers(tiny):
+    """dpo.labelled_positions_only: TRL's fused head gathers the answers' positions on the CPU too (its switch
+    is still where conch expects it), and the log-probabilities are the full computation's."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    assert callable(getattr(trl_utils, "_use_triton", None)), "TRL moved it: update dpo.labelled_positions_only"
+    model, _ = hub.load_model(tiny)
+    add_fused_lm_head(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[1, 9:] = -100  # padding
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        assert trl_utils._use_triton(cpu) is False
+        with dpo.labelled_positions_only():
+            assert trl_utils._use_triton(cpu) is True
+            gathered = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        assert trl_utils._use_triton(cpu) is False, "restored on exit"
+    assert torch.allclose(full, gathered, atol=1e-5)
+    assert (gathered[:, :4] == 0).all() and (gathered[1, 8:] == 0).all() and (gathered[0, 4:] != 0).all()

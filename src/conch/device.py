@@ -153,8 +153,10 @@ def follow_free_cores(threads: int, loads: list[float]) -> int:
     cores = usable_cores()
     if cores - min(loads) < threads - 0.5:  # others need some of our cores in every window
         return max(1, round(cores - min(loads)))
-    if cores - max(loads) >= threads + 1:  # free in every window
-        return min(cores, int(cores - max(loads)))
+    # free in every window, to within half a core: a quiet machine is never exactly idle (its daemons, the
+    # counters' 10 ms ticks read 0.01-0.03 cores), and waiting for exactly 0 kept a run on 1 thread for good
+    if round(cores - max(loads)) > threads:
+        return min(cores, round(cores - max(loads)))
     return threads
 
 

@@ -19,6 +19,8 @@ How it is set up here (TRL's ``DPOTrainer``):
   one held-out answer changing style. The SFT term makes the chosen style what the model writes.
 - The reference log-probabilities are computed once before training
   (``precompute_ref_log_probs``), which saves one forward pass per step.
+- The LM head runs only where there is a label (the answers), on the CPU too: TRL's fused head scores
+  only those positions on a device with Triton and every position elsewhere (`labelled_positions_only`).
 - Prompts are rendered with the model's own chat template exactly as at inference
   (`conch.data.split_prompt_answer`; for DeepSeek-R1 the answers follow an empty think block).
   With R1's tokenizer the prompt's last ``\\n`` merges with the answer's first one; TRL then starts
@@ -248,6 +250,30 @@ def _quiet_datasets():
             os.environ["TQDM_DISABLE"] = before
 
 
+@contextlib.contextmanager
+def labelled_positions_only():
+    """TRL's fused LM head (``fused_lm_head=True``) on labelled positions only, on every device.
+
+    TRL 1.16 gathers the positions whose label is set (the answers) before the head on a device with Triton and
+    scores every position elsewhere (prompt and padding too, then zeroes them), to keep tile shapes fixed for
+    compilers such as Neuron's. Eager PyTorch on a CPU has no such constraint, and the head (a 576 x 49,152
+    product and a float32 log-softmax a position on the demo model) is a large share of a step: gathered, 8 DPO
+    steps ran 13 % faster with bit-identical losses (docs/benchmarks.md). The switch is TRL's own
+    (``trl.trainer.utils._use_triton``, pinned in constraints.txt; tests/test_dpo.py fails if it moves), restored
+    on exit. Without it, the full scoring runs: slower, same numbers."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def _check_base(path: str) -> None:
     p = Path(path)
     if not p.exists() and (p.is_absolute() or path.startswith(("./", "../", "outputs/"))):
@@ -255,6 +281,7 @@ def _check_base(path: str) -> None:
                          "or `python -m conch merge` first, or set base_model to a model folder.")
 
 
+@labelled_positions_only()  # the whole run: TRL's reference pass, the steps and the final evaluation
 def dpo(cfg: DpoConfig, callbacks: list | None = None) -> DpoResult:
     """Preference-tune ``cfg.base_model`` with a new LoRA adapter on ``cfg.dataset``'s pairs."""
     from transformers import set_seed
