@@ -66,3 +66,12 @@ def test_fast_malloc_preloads_tcmalloc_where_it_is_installed():
     done = make("--eval", show, "show-malloc")
     assert done.returncode == 0, done.stderr
     assert "libtcmalloc_minimal.so.4" in done.stdout
+
+
+def test_python_keeps_its_bytecode_under_make_even_where_the_environment_says_not_to(monkeypatch):
+    # pip installs with --no-compile (NO_PYC): without this every process would compile torch's modules again
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    show = "show-pyc: ; @python3 -c 'import sys; print(sys.dont_write_bytecode)'"
+    done = make("--eval", show, "show-pyc")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
