@@ -41,7 +41,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
 parser.add_argument("--model", default="demo", help=f"demo | tiny | {r1_arch.NAME} | a local model folder")
 parser.add_argument("--servers", default="conch,seeds",
                     help="which servers to run, in order: conch, seeds, conch-vllm (conch serve --engine vllm), "
-                         "vllm (vLLM's own OpenAI server); the last two from --vllm-python")
+                         "vllm (vLLM's own OpenAI server, set up as conch sets vLLM up), vllm-defaults (the same "
+                         "at vLLM's own dtype and compile defaults); the last three from --vllm-python")
 parser.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="the Python of `make vllm`")
 parser.add_argument("--concurrency", default="1,4,16", help="concurrency levels (conch)")
 parser.add_argument("--seeds-concurrency", default=None,
@@ -192,7 +193,9 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
         cmd = [args.vllm_python, "-m", "conch", "serve", "--engine", "vllm", "--model", str(folder),
                "--host", "127.0.0.1", "--port", str(port), "--max_tokens_limit", str(max(2048, args.max_tokens)),
                *shlex.split(args.conch_args)]
-    elif server == "vllm":  # vLLM alone, set up as conch sets it up (see conch.serving.engine_vllm)
+    elif server in ("vllm", "vllm-defaults"):
+        # vLLM alone: "vllm" set up as conch.serving.engine_vllm sets it up (on a CPU: float32, no torch.compile),
+        # "vllm-defaults" with vLLM's own choice of dtype and compilation
         import torch
 
         from conch.serving.engine_vllm import max_model_len
@@ -201,7 +204,7 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                "--served-model-name", "magic-conch", "--host", "127.0.0.1", "--port", str(port),
                "--max-model-len", str(max_model_len(folder)), "--max-num-seqs", "16", "--disable-uvicorn-access-log",
-               *(["--dtype", "float32", "--enforce-eager"] if cpu else [])]
+               *(["--dtype", "float32", "--enforce-eager"] if cpu and server == "vllm" else [])]
     else:
         cmd = [sys.executable, str(HERE / "seeds_server.py"), "--model", str(folder), "--port", str(port)]
         if args.threads:
@@ -209,7 +212,7 @@ def start_server(server: str, folder: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["CONCH_THREADS"] = str(args.threads)
-        if server in ("vllm", "conch-vllm"):  # vLLM binds its worker's threads to these cores
+        if server in ("vllm", "vllm-defaults", "conch-vllm"):  # vLLM binds its worker's threads to these cores
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(os.sched_getaffinity(0))[-args.threads:]))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     log = open(Path(args.work_dir) / f"{server}_server.log", "w")
@@ -340,11 +343,16 @@ header = f"{'server':<10} {'conc':>4} {'reqs':>4} {'err':>3} {'out tok/s':>10} {
          f"{'p95 s':>7} {'TTFT p50':>8} {'stream tok/s':>12}"
 questions = prompts()
 levels: list[Level] = []
+startup_s: dict[str, float] = {}  # from the command to a healthy /health: loading, and vLLM's compilation
 print(header, flush=True)
 Path(args.work_dir).mkdir(parents=True, exist_ok=True)
 for server in args.servers.split(","):
     spec = args.seeds_concurrency if server == "seeds" and args.seeds_concurrency else args.concurrency
+    starting = time.perf_counter()
     proc, url = start_server(server, folder)
+    startup_s[server] = round(time.perf_counter() - starting, 1)
+    print(f"{server} ready in {startup_s[server]:.0f} s", flush=True)
+    save({"startup_s": startup_s})
     try:
         for i, c in enumerate(int(x) for x in spec.split(",")):
             level = asyncio.run(run_level(server, url, c, questions, warmup=2 if i == 0 else 0))

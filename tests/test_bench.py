@@ -61,6 +61,8 @@ def test_serve_throughput_runs_both_servers(tmp_path):
         assert lv["p95_latency_s"] >= lv["p50_latency_s"] > 0
         assert (lv["p50_ttft_s"] is not None) == (lv["server"] == "conch")  # only conch streams
     assert [c["concurrency"] for c in report["comparison"]] == [1, 2]
+    assert set(report["startup_s"]) == {"conch", "seeds"} and all(s > 0 for s in report["startup_s"].values())
+    assert "conch ready in" in stdout
 
 
 def test_r1_arch_has_the_real_models_numbers():

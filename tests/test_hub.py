@@ -196,3 +196,30 @@ def test_shown_paths_are_relative_to_where_the_learner_is(tmp_path, monkeypatch)
     assert paths.shown(tmp_path / "repo") == "."
     assert paths.shown(tmp_path / "home" / "autodl-tmp" / "m") == "~/autodl-tmp/m"
     assert paths.shown("/elsewhere/m") == "/elsewhere/m"
+
+
+def test_gguf_parsed_once_shares_one_reader_a_file_and_restores_gguf(tmp_path):
+    import gguf
+    import numpy as np
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(100)])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    # transformers imports both from gguf when it loads (not at its own import): what the block swaps is what it uses
+    assert not hasattr(gguf_utils, "GGUFReader") and not hasattr(gguf_utils, "get_tensor_name_map")
+    with hub.gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and isinstance(first, reader_class)
+        assert first.fields["tokenizer.ggml.tokens"].contents()[:2] == ["t0", "t1"]
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is name_map
+    assert gguf.GGUFReader(path) is not first

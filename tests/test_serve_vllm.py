@@ -39,11 +39,25 @@ def test_engine_setting_is_checked_in_one_sentence():
     with pytest.raises(ConchError, match=r"^engine 'fast' is unknown; use --engine builtin .*\.$"):
         check_engine(ServeConfig(engine="fast"))
     check_engine(ServeConfig(engine="builtin"))
+    with pytest.raises(ConchError, match=r"^--vllm_compile applies to --engine vllm only; .*\.$"):
+        check_engine(ServeConfig(vllm_compile=True))
     try:
         import vllm  # noqa: F401 - the main environment has no vLLM
     except ImportError:
         with pytest.raises(ConchError, match=r"^vLLM is not installed in this environment; run `make vllm`"):
             check_engine(ServeConfig(engine="vllm"))
+
+
+def test_vllm_compile_lets_vllm_compile(monkeypatch, demo_path):
+    from conch.serve import ServeConfig
+    from conch.serving import engine_vllm
+
+    calls = []
+    monkeypatch.setattr(engine_vllm.VLLMEngine, "from_model", lambda *a, **kw: calls.append(kw))
+    for compile_it in (False, True):
+        engine_vllm.start(ServeConfig(model=str(demo_path), engine="vllm", vllm_compile=compile_it))
+    assert "enforce_eager" not in calls[0]  # from_model's own choice: eager on a CPU
+    assert calls[1]["enforce_eager"] is False
 
 
 def test_max_model_len_stays_within_the_models_positions(tmp_path):

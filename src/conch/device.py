@@ -155,9 +155,8 @@ def follow_free_cores(threads: int, loads: list[float]) -> int:
         return max(1, round(cores - min(loads)))
     # free in every window, to within half a core: a quiet machine is never exactly idle (its daemons, the
     # counters' 10 ms ticks read 0.01-0.03 cores), and waiting for exactly 0 kept a run on 1 thread for good
-    if round(cores - max(loads)) > threads:
-        return min(cores, round(cores - max(loads)))
-    return threads
+    free = round(cores - max(loads))
+    return min(cores, free) if free > threads else threads
 
 
 class CoreWatch:

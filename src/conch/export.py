@@ -536,35 +536,39 @@ def export(cfg: ExportConfig) -> ExportResult:
         modelfile = tmp / "Modelfile"
         write_modelfile(modelfile, files[cfg.modelfile_outtype], translation, parameters, str(merged),
                         cfg.model_name, cfg.modelfile_outtype)
-        metas = {t: gguf_metadata(tmp / files[t]) for t in outtypes}
-        for t in outtypes:
-            check_gguf_tokenizer(metas[t], tokenizer, translation, files[t])
-        meta = metas[cfg.modelfile_outtype]
-        cases = template_cases([m[-1]["content"] for m in prompts], [m[-1]["content"] for m in records])
-        n_cases = check_template(tokenizer, modelfile, cases, meta["add_bos"],
-                                 meta["tokens"][meta["bos"]] if meta["bos"] is not None else "")
+        # one parse of each GGUF's header serves its metadata, config and weights (hub.gguf_parsed_once)
+        with hub.gguf_parsed_once():
+            metas = {t: gguf_metadata(tmp / files[t]) for t in outtypes}
+            for t in outtypes:
+                check_gguf_tokenizer(metas[t], tokenizer, translation, files[t])
+            meta = metas[cfg.modelfile_outtype]
+            cases = template_cases([m[-1]["content"] for m in prompts], [m[-1]["content"] for m in records])
+            n_cases = check_template(tokenizer, modelfile, cases, meta["add_bos"],
+                                     meta["tokens"][meta["bos"]] if meta["bos"] is not None else "")
 
-        print(f"template checked on {n_cases} conversations; answering {len(prompts)} held-out questions with the "
-              f"merged model and each GGUF ...", flush=True)
-        gen = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
-        # both sides in float32 (transformers dequantizes a GGUF to it), so the drift is the GGUF's alone
-        device = pick_device().device
-        model, _ = hub.load_model(merged, Device(device, torch.float32, "the GGUF check"))
-        reference, ref_logits = _answers_and_logits(model, tokenizer, prompts, None, gen, cfg.batch_size)
-        del model
-        checks = []
-        for t in outtypes:
-            model = load_gguf(tmp, files[t]).to(device)
-            texts, logits = _answers_and_logits(model, tokenizer, prompts, reference, gen, cfg.batch_size)
+            print(f"template checked on {n_cases} conversations; answering {len(prompts)} held-out questions with the "
+                  f"merged model and each GGUF ...", flush=True)
+            gen = chat.GenConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
+            # both sides in float32 (transformers dequantizes a GGUF to it), so the drift is the GGUF's alone
+            device = pick_device().device
+            model, _ = hub.load_model(merged, Device(device, torch.float32, "the GGUF check"))
+            reference, ref_logits = _answers_and_logits(model, tokenizer, prompts, None, gen, cfg.batch_size)
             del model
-            abs_drift = max((a - b).abs().max().item() for (a, _), (b, _) in zip(ref_logits, logits))
-            scale = max(a.abs().max().item() for a, _ in ref_logits)
-            same = sum(a == b for a, b in zip(reference, texts)) / len(reference)
-            agree = [(a[n - 1:-1].argmax(-1) == b[n - 1:-1].argmax(-1)) for (a, n), (b, _) in zip(ref_logits, logits)]
-            top1 = sum(x.sum().item() for x in agree) / max(sum(len(x) for x in agree), 1)
-            checks.append(TypeCheck(t, files[t], (tmp / files[t]).stat().st_size, seconds[t], same, top1,
-                                    abs_drift / max(scale, 1.0), abs_drift,
-                                    [(p[-1]["content"], a, b) for p, a, b in zip(prompts, reference, texts) if a != b]))
+            checks = []
+            for t in outtypes:
+                model = load_gguf(tmp, files[t]).to(device)
+                texts, logits = _answers_and_logits(model, tokenizer, prompts, reference, gen, cfg.batch_size)
+                del model
+                abs_drift = max((a - b).abs().max().item() for (a, _), (b, _) in zip(ref_logits, logits))
+                scale = max(a.abs().max().item() for a, _ in ref_logits)
+                same = sum(a == b for a, b in zip(reference, texts)) / len(reference)
+                agree = [(a[n - 1:-1].argmax(-1) == b[n - 1:-1].argmax(-1))
+                         for (a, n), (b, _) in zip(ref_logits, logits)]
+                top1 = sum(x.sum().item() for x in agree) / max(sum(len(x) for x in agree), 1)
+                checks.append(TypeCheck(t, files[t], (tmp / files[t]).stat().st_size, seconds[t], same, top1,
+                                        abs_drift / max(scale, 1.0), abs_drift,
+                                        [(p[-1]["content"], a, b)
+                                         for p, a, b in zip(prompts, reference, texts) if a != b]))
         for c in checks:
             if c.top1 < MIN_TOP1[c.outtype] or not c.max_drift <= MAX_DRIFT[c.outtype]:
                 raise ConchError(f"{c.file} picks the merged model's top token at {c.top1:.1%} of the answer positions "

@@ -58,6 +58,7 @@ class ServeConfig:
     rag_dir: str | None = None  # a knowledge folder (e.g. data/knowledge): retrieve before answering
     rag_top_k: int = 3  # passages retrieved per question in RAG mode
     engine: str = "builtin"  # builtin (the teaching engine) | vllm (conch.serving.engine_vllm, in .venv-vllm)
+    vllm_compile: bool = False  # --engine vllm on a CPU: torch.compile the model (vLLM's default; minutes to start)
 
 
 def create_app(cfg: ServeConfig, model=None, tokenizer=None, knowledge=None):
@@ -186,6 +187,8 @@ def check_engine(cfg: ServeConfig) -> None:
         if cfg.adapter:
             raise ConchError("--adapter is not supported with --engine vllm; merge first (python -m conch merge) "
                              "and serve the merged folder.")
+    elif cfg.vllm_compile:
+        raise ConchError("--vllm_compile applies to --engine vllm only; drop it or add --engine vllm.")
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -187,7 +187,7 @@ class VLLMEngine:
                     max_num_seqs=max_batch_size, disable_log_stats=True)
         if device.device == "cpu":
             _cpu_settings()
-            args.update(enforce_eager=True)  # vLLM's compile warm-up takes minutes on a CPU
+            args.update(enforce_eager=True)  # vLLM's compile warm-up takes minutes on a CPU (--vllm_compile: do it)
         args["max_model_len"] = max_model_len(model_path)
         args.update(engine_args)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
@@ -279,5 +279,6 @@ def start(cfg) -> tuple:
 
     path = Path(cfg.model) if Path(cfg.model).is_dir() else hub.resolve(cfg.model).path
     tokenizer = hub.load_tokenizer(path)
+    compile_args = {"enforce_eager": False} if cfg.vllm_compile else {}  # else from_model's choice (eager on a CPU)
     return tokenizer, VLLMEngine.from_model(path, cfg.max_batch_size, cfg.max_queue,
-                                             reasoning=is_reasoning_model(tokenizer))
+                                             reasoning=is_reasoning_model(tokenizer), **compile_args)
