@@ -46,8 +46,9 @@ VLLM_CUDA ?= vllm
 # `make test` sets up everything its tests need, then runs them all (notebooks included):
 #   .venv with the test tools (requirements-dev.txt); `make system-deps` (the Debian packages, as root; elsewhere it
 #   says what is missing and those tests skip), the Java caller and the Vue page's npm packages, llama.cpp's
-#   converter, the demo model and the real-R1 fixture; .venv-vllm (`make vllm`) and .venv-lf (`make llamafactory`),
-#   minutes of pip each, build in the background while the tests run (logs in .cache/venv-builds/): only
+#   converter, the demo model and the real-R1 fixture (those four side by side); .venv-vllm (`make vllm`) and .venv-lf
+#   (`make llamafactory`), minutes of pip each, build in the background at a lower priority while the tests run
+#   (logs in .cache/venv-builds/): only
 #   tests/test_serve_vllm.py and tests/test_llamafactory.py need them, and they wait for them (tests/venv_builds.py).
 # Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the other; what
 # both would build (the demo model, the real-R1 fixture) is built once before they start. PYTEST_WORKERS=0 runs

@@ -111,8 +111,9 @@ def test_demo_conversion_keeps_the_gguf_logits(demo_path):
     from transformers import AutoModelForCausalLM, GgufConfig
 
     gguf = hub.demo_gguf_path()
-    original = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+    with hub.gguf_parsed_once():  # read once here as well; the converted folder came from its own reading
+        original = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
     converted, tokenizer = hub.load_model(demo_path)
     ids = tokenizer("The Krusty Krab sells Krabby Patties.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
