@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import lanes
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -143,6 +145,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if item.nodeid.startswith("notebooks/"):  # one cell trains or tunes for up to half an hour on one CPU thread
             item.add_marker(pytest.mark.timeout(NOTEBOOK_CELL_TIMEOUT))
+
+
+def pytest_configure(config):
+    # a plugin, not this conftest's hooks: those would not see the notebooks' cells (outside tests/)
+    config.pluginmanager.register(lanes.Lanes(), "conch-lanes")
 
 
 @pytest.fixture(autouse=True)
