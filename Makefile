@@ -47,8 +47,9 @@ VLLM_CUDA ?= vllm
 #   .venv with the test tools (requirements-dev.txt); `make system-deps` (the Debian packages, as root; elsewhere it
 #   says what is missing and those tests skip), the Java caller and the Vue page's npm packages, llama.cpp's
 #   converter, the demo model and the real-R1 fixture (those four side by side); .venv-vllm (`make vllm`) and .venv-lf
-#   (`make llamafactory`), minutes of pip each, build in the background at a lower priority while the tests run
-#   (logs in .cache/venv-builds/): only
+#   (`make llamafactory`), minutes of pip each, build in the background at a lower priority from the start (.venv's
+#   pip keeps one core, they take the other; measured: started after .venv they were still building 3 min into
+#   notebook 04's training, which then ran on one thread) while the tests run (logs in .cache/venv-builds/): only
 #   tests/test_serve_vllm.py and tests/test_llamafactory.py need them, and they wait for them (tests/venv_builds.py).
 # Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the other; what
 # both would build (the demo model, the real-R1 fixture) is built once before they start. While a notebook cell
@@ -62,10 +63,10 @@ test:
 	@# the Debian packages (apt: network and dpkg) while pip fills .venv
 	@( $(MAKE) --no-print-directory system-deps > $(BUILDS)/system-deps.log 2>&1; \
 		echo $$? > $(BUILDS)/system-deps.rc ) & echo "system packages: checking in the background ($(BUILDS)/system-deps.log)"
-	@$(MAKE) --no-print-directory $(DEV_STAMP)
 	@for v in vllm llamafactory; do ( echo $$BASHPID > $(BUILDS)/$$v.pid; \
 		nice -n 10 $(MAKE) --no-print-directory $$v > $(BUILDS)/$$v.log 2>&1; echo $$? > $(BUILDS)/$$v.rc ) & done; \
 		echo "building .venv-vllm and .venv-lf in the background, at a lower priority (logs: $(BUILDS)/)"
+	@$(MAKE) --no-print-directory $(DEV_STAMP)
 	@while [ ! -f $(BUILDS)/system-deps.rc ]; do sleep 1; done; cat $(BUILDS)/system-deps.log; \
 		exit "$$(cat $(BUILDS)/system-deps.rc)"
 	@$(MAKE) --no-print-directory -j 4 --output-sync=target examples gguf-converter demo-model r1-fixture
