@@ -52,8 +52,8 @@ VLLM_CUDA ?= vllm
 #   notebook 04's training, which then ran on one thread) while the tests run (logs in .cache/venv-builds/): only
 #   tests/test_serve_vllm.py and tests/test_llamafactory.py need them, and they wait for them (tests/venv_builds.py).
 # Two pytest-xdist workers (tests/conftest.py): the notebooks in order on one, the test modules on the other; what
-# both would build (the demo model, the real-R1 fixture) is built once before they start. From a notebook cell that
-# trains (04's LoRA runs, 10's DPO) to that notebook's end the test modules wait between two tests (the training gets both cores)
+# both would build (the demo model, the real-R1 fixture) is built once before they start. While a notebook cell
+# trains (04's LoRA runs, 10's DPO) the test modules wait between two tests, so that the training has both cores
 # (tests/lanes.py; the end of the run says how long they waited). PYTEST_WORKERS=0 runs
 # everything in one process. Every test has a timeout (pyproject.toml); skipped tests are listed at the end, with why.
 PYTEST_WORKERS ?= 2

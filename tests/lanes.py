@@ -1,24 +1,23 @@
 """`make test`'s two xdist workers share the 2 cores: the notebooks in order on one, the test modules on the other.
-From the first notebook cell that trains (04's LoRA runs, 10's DPO) to the end of that notebook, the test modules
-wait between two tests, so that the training has both cores: its thread check (`conch.device.CoreWatch`) takes the
-second one back within a minute. They wait to the notebook's end, not the cell's, because the kernel keeps the two
-threads it was given: tests started again right after a training cell ran oversubscribed beside the next cells (04's
-16 identity answers: 75 s instead of 16). Their work moves to the other notebooks, whose kernel starts, servers and
-short generations leave a core idle much of the time. Measured on the 2-core CI machine: one LoRA step of the demo
-model took 5.1 s on 2 threads alone, 9.6 s on 1 thread beside a busy process, 15.8 s on 2 threads beside it
-(docs/benchmarks.md). A waiting test has not started yet: its own timeout and its servers' deadlines are untouched."""
+While a notebook cell trains (04's LoRA runs, 10's DPO), the test modules wait between two tests, so that the
+training has both cores: its thread check (`conch.device.CoreWatch`) takes the second one back within a minute.
+Their work moves to the notebooks' lighter cells (kernel starts, plots, servers, short generations), which leave a
+core idle much of the time. Measured on the 2-core CI machine: one LoRA step of the demo model took 5.1 s on 2
+threads alone, 9.6 s on 1 thread beside a busy process, 15.8 s on 2 threads beside it (docs/benchmarks.md).
+A waiting test has not started yet: its own timeout and its servers' deadlines are untouched."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 LANES = Path(__file__).resolve().parents[1] / ".cache" / "lanes"
-MARKER = LANES / "notebook-training"  # the notebook worker's pid and cell, from a training cell to the notebook's end
+MARKER = LANES / "notebook-training"  # the notebook worker's pid and the cell, while a training cell runs
 WAITED = LANES / "waited.log"  # one line a wait: seconds, and the test that waited
 TRAINING_CELL = re.compile(r"^[^#\n]*\b(train\.fit|train\.train|dpo\.dpo)\(", re.MULTILINE)
 MAX_WAIT_S = 3600  # a notebook cell's own limit (tests/conftest.py)
@@ -29,14 +28,15 @@ def trains(source: str) -> bool:
     return bool(TRAINING_CELL.search(source))
 
 
-def hold(label: str, marker: Path = MARKER) -> None:
-    """The notebook worker: the test modules wait from now on (``label``: the cell that trains)."""
+@contextmanager
+def training(label: str, marker: Path = MARKER):
+    """The notebook worker, around a cell that trains."""
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{os.getpid()} {label}\n", encoding="utf-8")
-
-
-def release(marker: Path = MARKER) -> None:
-    marker.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def _running(marker: Path) -> bool:
@@ -71,16 +71,12 @@ def summary(waited: Path = WAITED) -> str | None:
     if not rows:
         return None
     total = sum(float(seconds) for seconds, _ in rows)
-    return (f"the test modules waited {total / 60:.1f} min in {len(rows)} pauses while a notebook trained "
+    return (f"the test modules waited {total / 60:.1f} min in {len(rows)} pauses while notebook cells trained "
             f"(both cores to the training; tests/lanes.py)")
 
 
 class Lanes:
     """The hooks, registered by tests/conftest.py; they act under xdist only (`make test`, `make check`)."""
-
-    def __init__(self, marker: Path = MARKER):
-        self.marker = marker
-        self.held: str | None = None  # the notebook that trains, on the notebook worker
 
     @staticmethod
     def worker() -> bool:
@@ -88,32 +84,23 @@ class Lanes:
 
     def pytest_sessionstart(self, session):
         if not self.worker():  # the controller: no marker or wait left from an earlier run
-            for stale in (self.marker, WAITED):
+            for stale in (MARKER, WAITED):
                 stale.unlink(missing_ok=True)
 
     @pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest-timeout's clock: the test has not started
     def pytest_runtest_protocol(self, item):
         if self.worker() and not item.nodeid.startswith("notebooks/"):
-            wait_while_training(item.nodeid, self.marker)
+            wait_while_training(item.nodeid)
         yield
 
-    @pytest.hookimpl(tryfirst=True)
+    @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_call(self, item):
         cell = getattr(item, "cell", None)  # nbval's notebook cell
-        if not self.worker() or cell is None:
-            return
-        notebook = item.nodeid.split("::")[0]
-        if self.held and self.held != notebook:  # the notebook that trained has ended
-            release(self.marker)
-            self.held = None
-        if not self.held and trains(cell.source):
-            hold(item.nodeid, self.marker)
-            self.held = notebook
-
-    def pytest_sessionfinish(self, session):
-        if self.held:
-            release(self.marker)
-            self.held = None
+        if self.worker() and cell is not None and trains(cell.source):
+            with training(item.nodeid):
+                yield
+        else:
+            yield
 
     def pytest_terminal_summary(self, terminalreporter):
         line = None if self.worker() else summary()

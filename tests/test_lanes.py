@@ -34,30 +34,12 @@ def test_which_sources_train(source, expected):
     assert lanes.trains(source) is expected
 
 
-class Cell:
-    def __init__(self, nodeid, source):
-        self.nodeid, self.cell = nodeid, type("NbCell", (), {"source": source})()
-
-
-def test_the_marker_lives_from_the_training_cell_to_the_notebooks_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+def test_the_marker_lives_as_long_as_the_cell(tmp_path):
     marker = tmp_path / "lanes" / "training"
-    plugin = lanes.Lanes(marker)
-    plugin.pytest_runtest_call(Cell("notebooks/04.ipynb::Cell 9", "trainer = train.build_trainer(cfg)"))
-    assert not marker.exists()
-    plugin.pytest_runtest_call(Cell("notebooks/04.ipynb::Cell 10", "result = train.fit(trainer, cfg, resolved)"))
-    assert marker.read_text() == f"{os.getpid()} notebooks/04.ipynb::Cell 10\n"
-    plugin.pytest_runtest_call(Cell("notebooks/04.ipynb::Cell 16", "answers = chat.generate(tuned, tok, qs)"))
-    plugin.pytest_runtest_call(Cell("notebooks/04.ipynb::Cell 18", "keep = train.train(keep_cfg)"))
-    assert marker.read_text() == f"{os.getpid()} notebooks/04.ipynb::Cell 10\n"  # still the first one's
-    plugin.pytest_runtest_call(Cell("notebooks/05.ipynb::Cell 0", "from conch import chat"))
-    assert not marker.exists()  # 04 has ended
-    plugin.pytest_runtest_call(Cell("notebooks/10.ipynb::Cell 4", "result = dpo.dpo(cfg)"))
-    assert marker.exists()
-    plugin.pytest_sessionfinish(None)  # 10 is the last notebook
-    assert not marker.exists()
-    monkeypatch.delenv("PYTEST_XDIST_WORKER")  # one process (PYTEST_WORKERS=0): nobody to wait for
-    plugin.pytest_runtest_call(Cell("notebooks/10.ipynb::Cell 4", "result = dpo.dpo(cfg)"))
+    with pytest.raises(RuntimeError):
+        with lanes.training("notebooks/04.ipynb::Cell 10", marker):
+            assert marker.read_text() == f"{os.getpid()} notebooks/04.ipynb::Cell 10\n"
+            raise RuntimeError("the cell failed")
     assert not marker.exists()
 
 
@@ -82,7 +64,7 @@ def test_a_test_waits_until_the_training_ends(tmp_path):
     assert waited.read_text() == "30.0 tests/test_serve.py::test_x\n"
     assert lanes.wait_while_training("tests/test_serve.py::test_y", marker, waited, clock=clock, sleep=sleep) == 0
     assert waited.read_text().count("\n") == 1  # no wait, no line
-    assert lanes.summary(waited) == ("the test modules waited 0.5 min in 1 pauses while a notebook trained "
+    assert lanes.summary(waited) == ("the test modules waited 0.5 min in 1 pauses while notebook cells trained "
                                      "(both cores to the training; tests/lanes.py)")
 
 
