@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import venv_builds
+
 LANES = Path(__file__).resolve().parents[1] / ".cache" / "lanes"
 MARKER = LANES / "notebook-training"  # the notebook worker's pid and the cell, while a training cell runs
 WAITED = LANES / "waited.log"  # one line a wait: seconds, and the test that waited
@@ -39,20 +41,12 @@ def training(label: str, marker: Path = MARKER):
         marker.unlink(missing_ok=True)
 
 
-def _running(marker: Path) -> bool:
-    try:
-        os.kill(int(marker.read_text(encoding="utf-8").split()[0]), 0)
-        return True
-    except (OSError, ValueError, IndexError):  # gone, half written, or its worker died: nothing to wait for
-        return False
-
-
 def wait_while_training(who: str, marker: Path = MARKER, waited: Path = WAITED, max_s: float = MAX_WAIT_S,
                         poll_s: float = 1.0, clock=time.monotonic, sleep=time.sleep) -> float:
     """The test-module worker, before a test: return once no notebook cell trains (at most ``max_s``); the seconds
     waited, also appended to ``waited`` for the run's summary."""
     start = clock()
-    while marker.exists() and _running(marker) and clock() - start < max_s:
+    while marker.exists() and venv_builds.alive(marker) and clock() - start < max_s:
         sleep(poll_s)
     seconds = clock() - start
     if seconds >= poll_s:

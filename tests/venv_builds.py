@@ -13,11 +13,12 @@ BUILDS = Path(__file__).resolve().parents[1] / ".cache" / "venv-builds"  # <targ
 WAIT_S = 1800
 
 
-def _alive(pid_file: Path) -> bool:
+def alive(pid_file: Path) -> bool:
+    """Whether the process whose pid starts ``pid_file`` runs (False: gone, empty or torn file)."""
     try:
-        os.kill(int(pid_file.read_text().strip()), 0)
+        os.kill(int(pid_file.read_text(encoding="utf-8").split()[0]), 0)
         return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return False
 
 
@@ -26,7 +27,7 @@ def wait_for(target: str) -> None:
     of its log when it failed."""
     log, rc, pid = (BUILDS / f"{target}{ext}" for ext in (".log", ".rc", ".pid"))
     deadline = time.monotonic() + WAIT_S
-    while log.exists() and not rc.exists() and _alive(pid):
+    while log.exists() and not rc.exists() and alive(pid):
         if time.monotonic() > deadline:
             pytest.fail(f"`make {target}` is still running after {WAIT_S} s (its log: {log})")
         time.sleep(2)
